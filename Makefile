@@ -1,0 +1,33 @@
+# Two commands matter: `make demo` (a real local fine-tune) and `make test` (the suite).
+# Both build their own virtualenv in .venv; nothing else is needed on the machine.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS ?= train,operator,dev
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: venv demo test lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	# pip 23 backtracks for 10+ minutes on this dependency set; a current pip resolves it in seconds.
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	# torch first, pinned, so nothing later pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/finetune run -f examples/quickstart.yaml
+
+test: $(STAMP)
+	# pytest exits 5 when it collects nothing; that is not a failure of the code.
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

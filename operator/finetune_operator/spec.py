@@ -1,0 +1,94 @@
+"""The FineTuneJob's spec: the seed's config sections unchanged, plus what a cluster needs.
+
+A user pastes a seed config under `spec:` and adds run settings (image, nodes, storage,
+Secrets by reference). Same pydantic machinery as the config, so `finetune validate`
+checks a manifest exactly as the operator will, and the CRD is generated from this model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from finetune_trainer.config.schema import FineTuneConfig, NonEmptyStr, Section
+
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SHORT_NAME = "ftj"
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+
+class SecretKeyRef(Section):
+    """A key of a Secret in the job's namespace; the value never enters the spec."""
+
+    name: NonEmptyStr = Field(pattern=DNS_LABEL.replace("([-a-z0-9]*", "([-.a-z0-9]*"), description="Secret name.")
+    key: NonEmptyStr = Field(description="Key within the Secret.")
+
+
+class StorageSpec(Section):
+    """Object storage for checkpoints and results."""
+
+    uri: NonEmptyStr = Field(
+        pattern=r"^(s3|file)://.+",
+        description="Base URI (s3://bucket/prefix or file:///path); the job writes under <uri>/<namespace>/<job>/.",
+    )
+    endpoint_url: NonEmptyStr | None = Field(
+        default=None, description="S3 endpoint for MinIO, Ceph, R2, ... (AWS_ENDPOINT_URL). Default: AWS."
+    )
+    region: NonEmptyStr | None = Field(default=None, description="S3 region (AWS_REGION).")
+    path_style: bool = Field(default=False, description="Use path-style addressing (MinIO, Ceph).")
+    credentials_secret: NonEmptyStr | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$",
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, passed to the pods by reference.",
+    )
+
+
+class EnvVar(Section):
+    """An extra environment variable for the trainer pods (plain value)."""
+
+    name: NonEmptyStr = Field(pattern=ENV_NAME, description="Variable name.")
+    value: str = Field(default="", description="Variable value.")
+
+
+class FineTuneJobSpec(FineTuneConfig):
+    """spec of a FineTuneJob: the seed's sections plus run settings."""
+
+    image: NonEmptyStr | None = Field(
+        default=None, description="Trainer image. Default: the operator's configured trainer image."
+    )
+    nodes: int = Field(default=1, ge=1, description="Number of pods (nodes); 1 Master plus nodes-1 Workers.")
+    gpus_per_node: int = Field(default=1, ge=0, description="GPUs per pod; also the processes per pod (nprocPerNode).")
+    resources: dict[str, Any] = Field(
+        default_factory=dict, description="Container resources (requests/limits) beyond the GPUs."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector for the training pods.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations for the training pods.")
+    affinity: dict[str, Any] = Field(default_factory=dict, description="Affinity for the training pods.")
+    priority_class_name: NonEmptyStr | None = Field(default=None, description="PriorityClass of the training pods.")
+    storage: StorageSpec | None = Field(default=None, description="Checkpoint and result storage.")
+    hf_token_secret: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding a Hugging Face token (HF_TOKEN), for gated models and push_to_hub."
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables for the trainer.")
+    suspend: bool = Field(default=False, description="Suspend the job: no pods run until it is set to false.")
+    queue_name: NonEmptyStr | None = Field(
+        default=None, description="Kueue LocalQueue name (kueue.x-k8s.io/queue-name label)."
+    )
+    termination_grace_period_seconds: int = Field(
+        default=300, ge=30, description="Time the trainer gets on SIGTERM to save and upload a checkpoint."
+    )
+
+    @field_validator("resources")
+    @classmethod
+    def _only_requests_and_limits(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(value) - {"requests", "limits"}
+        if unknown:
+            raise ValueError(f"may only hold 'requests' and 'limits' (got {', '.join(sorted(unknown))})")
+        return value
