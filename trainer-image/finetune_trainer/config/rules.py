@@ -127,6 +127,18 @@ def eval_steps_agree(cfg: FineTuneConfig, ctx: RuleContext) -> Iterator[ConfigIs
         )
 
 
+def custom_format_has_templates(cfg: FineTuneConfig, ctx: RuleContext) -> Iterator[ConfigIssue]:
+    if cfg.dataset.format != "custom":
+        return
+    for key, example in (("prompt_template", '"{question}"'), ("response_template", '"{answer}"')):
+        if not getattr(cfg.dataset.custom, key):
+            yield error(
+                f"dataset.custom.{key}",
+                f"dataset.format 'custom' needs dataset.custom.{key}, a format string over your rows' "
+                f"fields such as {example}",
+            )
+
+
 def train_data_present(cfg: FineTuneConfig, ctx: RuleContext) -> Iterator[ConfigIssue]:
     if cfg.dataset.train_path:
         return
@@ -237,6 +249,7 @@ RULES: list[Rule] = [
     hub_needs_model_id,
     eval_needs_eval_set,
     eval_steps_agree,
+    custom_format_has_templates,
     train_data_present,
     precision_matches_compute_dtype,
     deepspeed_is_configured,

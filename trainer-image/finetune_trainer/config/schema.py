@@ -230,6 +230,25 @@ class PreprocessingConfig(Section):
     )
 
 
+class CustomFormatConfig(Section):
+    """How rows of a `custom` dataset become a prompt and a response.
+
+    Templates are Python format strings over the row's fields, e.g.
+    `prompt_template: "Question: {question}\nContext: {context}"` and
+    `response_template: "{answer}"`. Every field a template names must be in every row.
+    """
+
+    prompt_template: NonEmptyStr | None = Field(
+        default=None, description="Format string over row fields that builds the user turn, e.g. \"{question}\"."
+    )
+    response_template: NonEmptyStr | None = Field(
+        default=None, description="Format string over row fields that builds the assistant turn, e.g. \"{answer}\"."
+    )
+    system_template: NonEmptyStr | None = Field(
+        default=None, description="Optional format string for a system turn."
+    )
+
+
 class DatasetConfig(Section):
     """The training (and evaluation) data."""
 
@@ -245,6 +264,9 @@ class DatasetConfig(Section):
     )
     preprocessing: PreprocessingConfig = Field(
         default_factory=PreprocessingConfig, description="Tokenisation settings."
+    )
+    custom: CustomFormatConfig = Field(
+        default_factory=CustomFormatConfig, description='Templates for format "custom" (ignored otherwise).'
     )
 
 

