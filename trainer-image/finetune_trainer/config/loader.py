@@ -86,11 +86,11 @@ def _kind(value: Any) -> str:
 # ---------------------------------------------------------------------------- overrides
 
 
-def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     """`["--training.learning_rate", "1e-4", "--model.load_in_4bit=true"]` ->
-    `[("training.learning_rate", 1e-4), ("model.load_in_4bit", True)]`. Values are YAML
-    scalars or flow lists (`'[q_proj, v_proj]'`)."""
-    pairs: list[tuple[str, Any]] = []
+    `[("training.learning_rate", "1e-4"), ("model.load_in_4bit", "true")]`; the values are
+    typed against the schema by `apply_overrides`."""
+    pairs: list[tuple[str, str]] = []
     errors: list[ConfigIssue] = []
     i = 0
     while i < len(args):
@@ -107,26 +107,27 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             raw = args[i + 1]
             i += 1
         i += 1
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            value = raw  # not YAML: take it as the string the user typed
-        pairs.append((key, value))
+        pairs.append((key, raw))
     if errors:
         raise ConfigError(errors)
     return pairs
 
 
-def apply_overrides(data: dict[str, Any], pairs: list[tuple[str, Any]], root: type[BaseModel] = FineTuneConfig) -> dict[str, Any]:
-    """A copy of `data` with each dotted key set; keys the schema does not have are errors."""
+def apply_overrides(data: dict[str, Any], pairs: list[tuple[str, str]], root: type[BaseModel] = FineTuneConfig) -> dict[str, Any]:
+    """A copy of `data` with each dotted key set; keys the schema does not have are errors.
+
+    Values are read as YAML scalars or flow lists (`1e-4`, `true`, `null`, `[q_proj, v_proj]`),
+    except that a key that only takes text gets the text as typed (`--model.tokenizer yes`
+    means the string "yes", not YAML's boolean)."""
     out = copy.deepcopy(data)
     errors: list[ConfigIssue] = []
-    for key, value in pairs:
+    for key, raw in pairs:
         parts = key.split(".")
         problem = _unknown_part(root, parts)
         if problem:
             errors.append(ConfigIssue(key, f"cannot override: {problem}"))
             continue
+        value = _typed(raw, model_at(root, tuple(parts[:-1])) or root, parts[-1])
         node = out
         for part in parts[:-1]:
             child = node.get(part)
@@ -137,6 +138,28 @@ def apply_overrides(data: dict[str, Any], pairs: list[tuple[str, Any]], root: ty
     if errors:
         raise ConfigError(errors)
     return out
+
+
+def _typed(raw: str, model: type[BaseModel], name: str) -> Any:
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw  # not YAML: the string the user typed
+    if isinstance(value, (bool, int, float)) and _text_only(model.model_fields[name].annotation):
+        return raw
+    return value
+
+
+def _text_only(annotation: Any) -> bool:
+    """str or str | None (after unwrapping Annotated), nothing else."""
+    import typing
+
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _text_only(typing.get_args(annotation)[0])
+    if annotation is str:
+        return True
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return bool(args) and all(_text_only(a) for a in args)
 
 
 def _unknown_part(root: type[BaseModel], parts: list[str]) -> str | None:
@@ -162,19 +185,51 @@ def validate_data(
     root: type[FineTuneConfig] = FineTuneConfig,
     prefix: tuple[Any, ...] = (),
 ) -> LoadedConfig:
-    """Types first, then cross-field rules; raise every error at once."""
+    """Types first, then cross-field rules; raise every error at once.
+
+    When some keys have the wrong type, the rules still run on the rest (those keys
+    dropped, so their defaults stand in) and report what else is wrong: a user fixes a
+    config in one round, not one error per round."""
+    ctx = RuleContext(mode=mode, base_dir=base_dir)
     try:
         config = root.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(from_validation_error(exc, root, prefix)) from None
-    found = check(config, RuleContext(mode=mode, base_dir=base_dir))
-    if prefix:
-        found = [ConfigIssue(".".join(map(str, prefix)) + "." + i.path, i.message, i.severity) for i in found]
+        type_errors = from_validation_error(exc, root, prefix)
+        rule_issues = _rules_without(data, exc, root, ctx)
+        bad_paths = {e.path for e in type_errors}
+        extra = [i for i in _prefixed(rule_issues, prefix) if i.path not in bad_paths]
+        raise ConfigError(
+            type_errors + [i for i in extra if i.severity == "error"], [i for i in extra if i.severity == "warning"]
+        ) from None
+    found = _prefixed(check(config, ctx), prefix)
     errors = [i for i in found if i.severity == "error"]
     warnings = [i for i in found if i.severity == "warning"]
     if errors:
         raise ConfigError(errors, warnings)
     return LoadedConfig(config, warnings)
+
+
+def _prefixed(issues: list[ConfigIssue], prefix: tuple[Any, ...]) -> list[ConfigIssue]:
+    if not prefix:
+        return issues
+    head = ".".join(map(str, prefix))
+    return [ConfigIssue(f"{head}.{i.path}" if i.path else head, i.message, i.severity) for i in issues]
+
+
+def _rules_without(data: dict[str, Any], exc: ValidationError, root: type[FineTuneConfig], ctx: RuleContext) -> list[ConfigIssue]:
+    """Cross-field issues of `data` with its ill-typed keys removed ([] if still invalid)."""
+    pruned = copy.deepcopy(data)
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        node: Any = pruned
+        for part in loc[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+    try:
+        return check(root.model_validate(pruned), ctx)
+    except ValidationError:
+        return []
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, *, mode: Mode = "validate") -> LoadedConfig:
