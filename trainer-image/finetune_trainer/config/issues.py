@@ -8,6 +8,7 @@ lines: `training.learning_rate: must be greater than 0 (got -1)`.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -99,6 +100,13 @@ def from_validation_error(exc: ValidationError, root: type[BaseModel], prefix: t
                 message += f" ({info.description})"
         elif kind in ("model_type", "model_attributes_type", "dict_type"):
             message = f"must be a mapping of keys (got {_got(err['input'])})"
+        elif kind == "literal_error":
+            expected = err.get("ctx", {}).get("expected", "")
+            options = [o.strip("'") for o in re.split(r", | or ", expected) if o]
+            message = f"must be one of {', '.join(expected.replace(' or ', ', ').split(', '))} (got {_got(err['input'])})"
+            close = difflib.get_close_matches(str(err["input"]), options, n=1, cutoff=0.5)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
         elif kind == "value_error":
             message = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
         else:
