@@ -49,7 +49,7 @@ CASES = [
     ("snr-negative", {"fine_tuning": {"spectrum": {"snr_threshold": -0.1}}}, "fine_tuning.spectrum.snr_threshold", "greater than or equal to 0"),
     ("layers-word", {"fine_tuning": {"spectrum": {"layers_to_finetune": "all"}}}, "fine_tuning.spectrum.layers_to_finetune", '"auto" or a list'),
     ("layers-negative", {"fine_tuning": {"spectrum": {"layers_to_finetune": [0, -1]}}}, "fine_tuning.spectrum.layers_to_finetune", "integers >= 0"),
-    ("bits-six", {"fine_tuning": {"quantization": {"bits": 6}}}, "fine_tuning.quantization.bits", "4 or 8"),
+    ("bits-six", {"fine_tuning": {"quantization": {"bits": 6}}}, "fine_tuning.quantization.bits", "one of 4, 8"),
     ("quant-type", {"fine_tuning": {"quantization": {"bnb_4bit_quant_type": "int4"}}}, "fine_tuning.quantization.bnb_4bit_quant_type", "'nf4'"),
     ("compute-dtype", {"fine_tuning": {"quantization": {"bnb_4bit_compute_dtype": "half"}}}, "fine_tuning.quantization.bnb_4bit_compute_dtype", "'bfloat16'"),
     ("qlora-4bit-off", {"fine_tuning": {"method": "qlora"}, "model": {"base_model": "m", "load_in_4bit": False}}, "model.load_in_4bit", "requires 4-bit"),
