@@ -1,0 +1,165 @@
+"""Where rows come from: local JSON/JSONL files, s3:// objects, Hugging Face datasets.
+
+`read_rows` decides by the string alone:
+1. `s3://bucket/key.jsonl` -> downloaded to a temp file (boto3's transfer manager; endpoint
+   from AWS_ENDPOINT_URL, credentials from the usual AWS variables), then read as a file.
+2. An existing file -> `.jsonl` (one object per line; row numbers are line numbers, blank
+   lines skipped) or `.json` (a list of objects; JSON Lines in a .json file are accepted).
+3. An existing directory, or `DIR:split` -> `datasets.load_dataset(DIR, split=...)`.
+4. Something that looks like a file path (ends in .json/.jsonl, starts with / ./ ../ ~)
+   but is not there -> `DataError` naming the config field.
+5. Anything else is a Hugging Face dataset ID: `org/name` (split "train") or
+   `org/name:split` (e.g. `tatsu-lab/alpaca:train[:1000]`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import DataError
+
+FILE_SUFFIXES = (".json", ".jsonl")
+PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+class Rows(list):
+    """A list of rows that remembers its source and the 1-based row numbers users see."""
+
+    def __init__(self, rows: Iterable[Any], *, source: str, row_numbers: list[int] | None = None):
+        super().__init__(rows)
+        self.source = source
+        self.row_numbers = row_numbers if row_numbers is not None else list(range(1, len(self) + 1))
+
+
+def read_rows(path_or_uri: str, *, field: str) -> Rows:
+    """All rows of one dataset location; `field` (e.g. "dataset.train_path") names the
+    config key in messages."""
+    rows = _read_any(path_or_uri, field)
+    if not rows:
+        raise DataError(f"{field}: {path_or_uri} has no rows")
+    return rows
+
+
+def _read_any(location: str, field: str) -> Rows:
+    if location.startswith("s3://"):
+        return read_s3(location, field=field)
+    path = Path(location).expanduser()
+    if path.is_file():
+        return read_file(path, source=location, field=field)
+    if path.is_dir():
+        return read_hf(location, "train", field=field)
+    name, _, split = location.partition(":")
+    if split and Path(name).expanduser().is_dir():
+        return read_hf(name, split, field=field)
+    if location.endswith(FILE_SUFFIXES) or location.startswith(PATH_PREFIXES):
+        raise DataError(
+            f"{field}: file not found: {location} (relative paths are read from {os.getcwd()}); "
+            "fix the path, or give an s3:// URI or a Hugging Face dataset ID"
+        )
+    return read_hf(name, split or "train", field=field)
+
+
+# --- local files ----------------------------------------------------------------------------
+
+
+def read_file(path: Path, *, source: str, field: str) -> Rows:
+    suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise DataError(
+            f"{field}: {source} is a '{suffix or 'suffix-less'}' file; local data must be .json "
+            "(a list of rows) or .jsonl (one row per line)"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parse_jsonl(text, source=source) if suffix == ".jsonl" else parse_json(text, source=source)
+
+
+def parse_jsonl(text: str, *, source: str) -> Rows:
+    rows, numbers = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{source} row {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        numbers.append(number)
+    return Rows(rows, source=source, row_numbers=numbers)
+
+
+def parse_json(text: str, *, source: str) -> Rows:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON Lines saved as .json, as `datasets` writes them
+            return parse_jsonl(text, source=source)
+        raise DataError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(data, list):
+        what = f"an object with keys {', '.join(map(repr, list(data)[:5]))}" if isinstance(data, dict) else type(data).__name__
+        raise DataError(f"{source}: expected a JSON list of rows (or one JSON object per line in a .jsonl file), got {what}")
+    return Rows(data, source=source)
+
+
+# --- object storage -------------------------------------------------------------------------
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+
+
+def read_s3(uri: str, *, field: str) -> Rows:
+    """Download, then read like a local file; the URI stays the name in messages."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+    bucket, key = split_s3_uri(uri)
+    if not bucket or not key or key.endswith("/"):
+        raise DataError(f"{field}: {uri} must name one object, s3://bucket/path/file.jsonl")
+    name = PurePosixPath(key).name
+    if not name.lower().endswith(FILE_SUFFIXES):
+        raise DataError(f"{field}: {uri} must be a .json or .jsonl object")
+    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    with tempfile.TemporaryDirectory(prefix="finetune-data-") as tmp:
+        local = Path(tmp) / name
+        try:
+            client.download_file(bucket, key, str(local))
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NoSuchBucket"):
+                raise DataError(f"{field}: {uri} does not exist") from None
+            if code in ("403", "AccessDenied"):
+                raise DataError(f"{field}: access to {uri} denied; check the credentials and bucket policy") from None
+            raise ConnectionError(f"{field}: could not download {uri}: {exc}") from exc
+        except NoCredentialsError:
+            raise DataError(
+                f"{field}: no AWS credentials to read {uri}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            ) from None
+        except (EndpointConnectionError, BotoCoreError) as exc:
+            raise ConnectionError(f"{field}: could not download {uri}: {exc}") from exc
+        return read_file(local, source=uri, field=field)
+
+
+# --- Hugging Face datasets ------------------------------------------------------------------
+
+
+def read_hf(name: str, split: str, *, field: str) -> Rows:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except ConnectionError as exc:  # hub unreachable (or offline mode): a retry may fix it
+        raise ConnectionError(f"{field}: could not reach the Hugging Face Hub for dataset {name!r}: {exc}") from exc
+    except (FileNotFoundError, ValueError) as exc:  # no such dataset, or no such split
+        raise DataError(
+            f"{field}: {name!r} is not a local file and could not be loaded as a Hugging Face dataset "
+            f"(split {split!r}): {exc}"
+        ) from None
+    return Rows(dataset.to_list(), source=f"{name}:{split}")
