@@ -116,16 +116,15 @@ def _kind(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _text(row: dict[str, Any], name: str, *, needs: str, label: str | None = None) -> str:
-    """A required, non-empty string field."""
-    label = label or f"field '{name}'"
+def _text(row: dict[str, Any], name: str, *, needs: str, where: str = "") -> str:
+    """A required, non-empty string field; `where` prefixes nested fields ("conversations[2]: ")."""
     if name not in row or row[name] is None:
-        raise RowProblem(f"missing {label} ({needs})")
+        raise RowProblem(f"{where}missing field '{name}' ({needs})")
     value = row[name]
     if not isinstance(value, str):
-        raise RowProblem(f"{label} must be a string, got {_kind(value)}")
+        raise RowProblem(f"{where}field '{name}' must be a string, got {_kind(value)}")
     if not value.strip():
-        raise RowProblem(f"{label} is empty")
+        raise RowProblem(f"{where}field '{name}' is empty")
     return value
 
 
@@ -194,7 +193,7 @@ def _sharegpt_turn(entry: Any, label: str) -> Turn:
         raise RowProblem(
             f"{label}.{role_key} is {speaker!r}; expected one of human, gpt, system (or user, assistant)"
         )
-    content = _text(entry, text_key, needs=SHAREGPT_NEEDS, label=f"{label}: field '{text_key}'")
+    content = _text(entry, text_key, needs=SHAREGPT_NEEDS, where=f"{label}: ")
     return {"role": role, "content": content}
 
 
