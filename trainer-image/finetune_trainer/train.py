@@ -1,0 +1,327 @@
+"""`finetune train`: the stages of a fine-tuning run, top to bottom.
+
+    config -> seed -> tokenizer -> data -> model + method -> Trainer -> train (resume)
+           -> eval after -> save (weights, tokenizer, config, metrics, loss curve) -> push -> sample
+
+Every rank runs every stage (torchrun starts one process per GPU; the Trainer shards the
+data and syncs the gradients). Only the world's main process writes the shared files and
+prints; `trainer.save_model` runs on all ranks because ZeRO-3 gathers the weights for it.
+Errors a user can fix end the run with exit code 1 (permanent, never retried).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, FineTuneConfig, dump_config
+from .config.rules import resolve_deepspeed_path
+from .data import IGNORE_INDEX, DataError, data_collator, prepare_data
+from .training.arguments import training_arguments
+from .training.callbacks import (
+    MetricsCallback,
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    ProgressReporter,
+    SessionRecorder,
+    perplexity,
+)
+from .training.deepspeed import deepspeed_config
+
+log = logging.getLogger("finetune_trainer.train")
+
+EXIT_OK = 0
+EXIT_PERMANENT = 1  # bad config, bad data, diverged loss: a retry cannot fix it
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT_FILE = "loss.png"
+CONFIG_FILE = "config.yaml"
+RESULTS_FILE = "train_results.json"
+SAMPLE_NEW_TOKENS = 40
+
+# Other stages plug in here without editing this file (checkpoint upload, operator status):
+# a factory gets the config and the output directory and returns a TrainerCallback or None.
+CallbackFactory = Callable[[FineTuneConfig, Path], Any]
+CALLBACK_FACTORIES: list[CallbackFactory] = []
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    output_dir: Path | None = None
+    results: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------------------------- the run
+
+
+def train(
+    cfg: FineTuneConfig,
+    *,
+    base_dir: Path,
+    callbacks: Sequence[Any] = (),
+    reporters: Sequence[ProgressReporter] = (),
+) -> RunResult:
+    """One fine-tuning run of a checked config (`load_config(..., mode="train")`).
+
+    `callbacks` are extra TrainerCallbacks; `reporters` get a progress dict at every log."""
+    cfg = seed_config(cfg, base_dir=base_dir)
+    out = Path(cfg.output.output_dir)
+    main = is_main_process()
+
+    import torch
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from .methods import prepare_model
+    from .model.loading import load_tokenizer
+
+    set_seed(cfg.training.seed)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(dump_config(cfg))
+
+    # Data before the model: a bad row fails in seconds, not after minutes of loading weights.
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
+    if main:
+        for name, stats in data.stats.items():
+            log.info(stats.summary(name, cfg.training.max_seq_length))
+
+    # prepare_model loads the base model and applies full/lora/qlora/spectrum; the main
+    # process alone writes the Spectrum selection.
+    method = prepare_model(cfg, output_dir=out if main else None)
+    if main:
+        log.info(method.description)
+
+    # Resume (after a preemption or a crash) from the newest complete local checkpoint.
+    resume = find_resume_checkpoint(out)
+    if main:
+        prepare_metrics_file(out / METRICS_FILE, resume_step=checkpoint_step(resume) if resume else None)
+        if resume:
+            log.info("resuming from %s", resume)
+
+    use_cpu = not torch.cuda.is_available()
+    args = TrainingArguments(
+        **training_arguments(
+            cfg,
+            output_dir=out,
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            use_cpu=use_cpu,
+            bf16_supported=use_cpu or torch.cuda.is_bf16_supported(),
+            deepspeed=deepspeed_config(cfg, base_dir=base_dir),
+            hub_token=os.environ.get("HF_TOKEN"),
+        )
+    )
+    session = SessionRecorder()
+    extra = [cb for factory in CALLBACK_FACTORIES if (cb := factory(cfg, out)) is not None]
+    trainer = Trainer(
+        model=method.model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data_collator(tokenizer),
+        processing_class=tokenizer,
+        callbacks=[
+            NonFiniteLossGuard(),
+            MetricsCallback(out / METRICS_FILE, reporters=list(reporters)),
+            session,
+            *extra,
+            *callbacks,
+        ],
+    )
+
+    # With an eval set, TrainingArguments(eval_on_start=True) gives the loss before training.
+    outcome = trainer.train(resume_from_checkpoint=resume)
+    after = trainer.evaluate() if data.eval is not None else None
+
+    trainer.save_model(str(out))  # adapter or full weights, and the tokenizer; all ranks (ZeRO-3)
+    results = run_results(
+        outcome,
+        trainer.state,
+        session=session,
+        after=after,
+        method=method,
+        data_stats={k: vars(v) for k, v in data.stats.items()},
+        resumed_from=resume,
+    )
+    if trainer.is_world_process_zero():
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        from .training.plots import plot_loss
+
+        plot_loss(out / METRICS_FILE, out / LOSS_PLOT_FILE)
+    if cfg.output.push_to_hub:
+        trainer.push_to_hub(commit_message=f"finetune: {cfg.fine_tuning.method} of {cfg.model.base_model}")
+
+    answer = sample_answer(trainer, tokenizer, data.eval) if data.eval is not None else None
+    if trainer.is_world_process_zero():
+        print(report(results, answer, out), flush=True)
+    end = getattr(trainer, "end", None)
+    if callable(end):
+        end()  # destroys the process group once no collective is left
+    return RunResult(EXIT_OK, out, results)
+
+
+def run_command(cfg: FineTuneConfig, *, base_dir: Path, **kwargs: Any) -> int:
+    """`train` with the errors a user can cause turned into one message and exit code 1."""
+    setup_logging()
+    try:
+        return train(cfg, base_dir=base_dir, **kwargs).exit_code
+    except ConfigError as exc:
+        for issue in exc.errors:
+            print(f"error: {issue}", file=sys.stderr)
+        return EXIT_PERMANENT
+    except (DataError, NonFiniteLossError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_PERMANENT
+
+
+# ----------------------------------------------------------------------- the small parts
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the world (torchrun and the training operator set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        level = logging.INFO if is_main_process() else logging.WARNING
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def seed_config(cfg: FineTuneConfig, *, base_dir: Path) -> FineTuneConfig:
+    """The seed sections of a config or a FineTuneJob spec, self-contained: a DeepSpeed file
+    path becomes absolute, so the saved config.yaml validates from the output directory."""
+    data = cfg.model_dump(include=set(FineTuneConfig.model_fields))
+    ds = data["distributed"].get("deepspeed_config")
+    if isinstance(ds, str):
+        data["distributed"]["deepspeed_config"] = str(resolve_deepspeed_path(ds, base_dir).resolve())
+    return FineTuneConfig.model_validate(data)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(Path(path).name.rsplit("-", 1)[-1])
+
+
+def find_resume_checkpoint(output_dir: Path) -> str | None:
+    """The newest `checkpoint-N` that holds trainer_state.json (written last by the Trainer,
+    so a checkpoint cut short by a kill is skipped)."""
+    if not output_dir.is_dir():
+        return None
+    complete = [
+        p for p in output_dir.glob("checkpoint-*")
+        if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return str(max(complete, key=checkpoint_step)) if complete else None
+
+
+def prepare_metrics_file(path: Path, *, resume_step: int | None) -> None:
+    """A fresh run starts an empty metrics.jsonl; a resumed one keeps the lines up to its
+    checkpoint, so steps that are trained again are not logged twice."""
+    if resume_step is None or not path.exists():
+        path.write_text("")
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _eval_summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not metrics or "eval_loss" not in metrics:
+        return None
+    return {"eval_loss": metrics["eval_loss"], "perplexity": perplexity(metrics["eval_loss"])}
+
+
+def run_results(outcome, state, *, session, after, method, data_stats, resumed_from) -> dict[str, Any]:
+    """train_results.json: what a user (or the operator) wants to know about the run."""
+    runtime = float(outcome.metrics.get("train_runtime", 0.0))
+    tokens = state.num_input_tokens_seen - session.start_tokens
+    train_time = max(runtime - session.eval_seconds_in_training, 1e-9)
+    first = session.evals[0] if session.evals else None
+    return {
+        "method": method.method,
+        "trainable_params": method.trainable_params,
+        "total_params": method.total_params,
+        "global_step": state.global_step,
+        "max_steps": state.max_steps,
+        "epoch": state.epoch,
+        "resumed_from": resumed_from,
+        "train_loss": outcome.training_loss,
+        "train_runtime_seconds": round(runtime, 3),
+        "train_tokens": tokens,
+        "train_tokens_per_second": round(tokens / train_time, 2),
+        "eval_before": _eval_summary(first[1]) if first and first[0] == session.start_step else None,
+        "eval_after": _eval_summary(after),
+        "data": data_stats,
+    }
+
+
+def prompt_ids(row: dict[str, list[int]]) -> list[int]:
+    """The prompt of a tokenized sample: the tokens before the first learned one (the
+    rendering ends with the assistant header, so generation continues as the answer).
+    With train_on_inputs every token is learned; then the first half stands in."""
+    labels = row["labels"]
+    first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    if first == 0:
+        first = max(len(labels) // 2, 1)
+    return list(row["input_ids"][:first])
+
+
+def sample_answer(trainer, tokenizer, eval_set) -> dict[str, str] | None:
+    """Greedy answer to the first eval prompt. Under ZeRO-3 each rank holds a shard of the
+    weights, so every rank generates (synced_gpus); otherwise the main process alone."""
+    import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    zero3 = is_deepspeed_zero3_enabled()
+    if not (zero3 or trainer.is_world_process_zero()) or len(eval_set) == 0:
+        return None
+    ids = prompt_ids(eval_set[0])
+    model = trainer.model
+    model.eval()
+    device = next(model.parameters()).device
+    inputs = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=inputs,
+            attention_mask=torch.ones_like(inputs),
+            max_new_tokens=SAMPLE_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            synced_gpus=zero3,
+        )
+    return {
+        "prompt": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+        "answer": tokenizer.decode(output[0][len(ids):], skip_special_tokens=True).strip(),
+    }
+
+
+def _fmt_eval(summary: dict[str, Any] | None) -> str:
+    if not summary:
+        return "n/a"
+    ppl = summary["perplexity"]
+    return f"{summary['eval_loss']:.4f} (perplexity {ppl:.2f})" if math.isfinite(ppl) else f"{summary['eval_loss']:.4f}"
+
+
+def report(results: dict[str, Any], answer: dict[str, str] | None, out: Path) -> str:
+    """The lines a user reads at the end of a run."""
+    lines = [
+        "",
+        f"Training done: {results['global_step']} steps, {results['train_tokens_per_second']:.1f} tokens/s, "
+        f"{results['trainable_params']:,} of {results['total_params']:,} parameters trained ({results['method']}).",
+    ]
+    if results["eval_before"] or results["eval_after"]:
+        lines.append(f"Eval loss before: {_fmt_eval(results['eval_before'])}")
+        lines.append(f"Eval loss after:  {_fmt_eval(results['eval_after'])}")
+    if answer:
+        prompt = answer["prompt"].replace("\n", " ")
+        lines.append(f"Sample prompt: {prompt[-300:]}")
+        lines.append(f"Sample answer: {answer['answer']}")
+    lines.append(f"Saved to {out}/ (weights, tokenizer, {CONFIG_FILE}, {METRICS_FILE}, {LOSS_PLOT_FILE}, {RESULTS_FILE})")
+    return "\n".join(lines)
