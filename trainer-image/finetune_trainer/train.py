@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,7 @@ def train(
 
     # With an eval set, TrainingArguments(eval_on_start=True) gives the loss before training.
     outcome = trainer.train(resume_from_checkpoint=resume)
-    after = trainer.evaluate() if data.eval is not None else None
+    after = final_evaluation(trainer, session) if data.eval is not None else None
 
     trainer.save_model(str(out))  # adapter or full weights, and the tokenizer; all ranks (ZeRO-3)
     results = run_results(
@@ -191,6 +192,8 @@ def is_main_process() -> bool:
 
 
 def setup_logging() -> None:
+    # torch's deprecation of the collective DeepSpeed calls on every step, once per step per rank.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     if not logging.getLogger().handlers:
         level = logging.INFO if is_main_process() else logging.WARNING
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -230,6 +233,13 @@ def prepare_metrics_file(path: Path, *, resume_step: int | None) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def final_evaluation(trainer, session: SessionRecorder) -> dict[str, float]:
+    """Eval metrics after training; an evaluation the Trainer just ran at the last step is reused."""
+    if session.evals and session.evals[-1][0] == trainer.state.global_step:
+        return session.evals[-1][1]
+    return trainer.evaluate()
 
 
 def _eval_summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
