@@ -1,0 +1,177 @@
+"""Checkpoint uploads off the training thread.
+
+One worker thread, so two uploads never race (least of all two of the same checkpoint).
+Only the newest pending checkpoint is kept: a newer save supersedes one still waiting.
+An outage longer than the store's retry budget does not raise into training: the uploader
+turns `degraded` (with the last error), keeps the checkpoint pending and tries again at the
+next `submit` (or at `wait`), so the newest checkpoint always reaches the store once it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoints import Manifest, apply_retention, upload_checkpoint
+from .stores import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UploadJob:
+    local_dir: Path
+    step: int
+    epoch: float | None
+
+
+@dataclass(frozen=True)
+class UploaderStatus:
+    """What the progress report shows."""
+
+    degraded: bool
+    last_error: str | None
+    last_uploaded_step: int | None
+    last_uploaded_uri: str | None
+    uploading_step: int | None
+    pending_step: int | None
+
+
+def node_topology(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(node rank, number of nodes) from what torchrun or the training operator sets."""
+    node_rank = int(env.get("GROUP_RANK") or env.get("NODE_RANK") or env.get("PET_NODE_RANK") or 0)
+    if env.get("GROUP_WORLD_SIZE"):
+        return node_rank, int(env["GROUP_WORLD_SIZE"])
+    if env.get("WORLD_SIZE") and env.get("LOCAL_WORLD_SIZE"):
+        return node_rank, max(1, int(env["WORLD_SIZE"]) // int(env["LOCAL_WORLD_SIZE"]))
+    return node_rank, int(env.get("PET_NNODES") or env.get("NNODES") or 1)
+
+
+class BackgroundUploader:
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        save_total_limit: int | None = None,
+        node_rank: int = 0,
+        num_nodes: int = 1,
+        attempt: str = "",
+        parts_timeout: float = 900.0,
+        on_uploaded: Callable[[Manifest], None] | None = None,
+    ):
+        self.store = store
+        self.save_total_limit = save_total_limit
+        self.node_rank, self.num_nodes = node_rank, num_nodes
+        self.attempt = attempt  # shared by all nodes; see CheckpointSyncCallback.on_train_begin
+        self.parts_timeout = parts_timeout
+        self.on_uploaded = on_uploaded
+        self._cond = threading.Condition()
+        self._pending: UploadJob | None = None
+        self._current: UploadJob | None = None
+        self._go = False  # the pending job may be tried now (set by submit and wait)
+        self._closed = False
+        self._degraded = False
+        self._last_error: str | None = None
+        self._last_step: int | None = None
+        self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ training side
+
+    def submit(self, local_dir: str | os.PathLike, step: int, epoch: float | None = None) -> None:
+        """Queue a saved checkpoint folder; returns at once."""
+        with self._cond:
+            if self._pending is not None and self._pending.step > step:
+                log.warning("checkpoint-%d submitted after checkpoint-%d; ignored", step, self._pending.step)
+                return
+            if self._pending is not None and self._pending.step != step:
+                log.info("checkpoint-%d superseded by checkpoint-%d before its upload began", self._pending.step, step)
+            self._pending = UploadJob(Path(local_dir), step, epoch)
+            self._go = True
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until nothing is pending or uploading; a checkpoint left pending by an
+        outage gets one more try first. True when everything submitted is in the store."""
+        with self._cond:
+            if self._pending is not None:
+                self._go = True
+                self._cond.notify_all()
+            self._cond.wait_for(lambda: self._current is None and (self._pending is None or not self._go), timeout)
+            return self._current is None and self._pending is None
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the worker after its current upload (call `wait` first to drain)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def status(self) -> UploaderStatus:
+        with self._cond:
+            return UploaderStatus(
+                degraded=self._degraded,
+                last_error=self._last_error,
+                last_uploaded_step=self._last_step,
+                last_uploaded_uri=self.store.uri_for(f"checkpoints/checkpoint-{self._last_step}")
+                if self._last_step is not None
+                else None,
+                uploading_step=self._current.step if self._current else None,
+                pending_step=self._pending.step if self._pending else None,
+            )
+
+    @property
+    def degraded(self) -> bool:
+        return self.status.degraded
+
+    # ------------------------------------------------------------ worker side
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or (self._pending is not None and self._go))
+                if self._pending is None or not self._go:
+                    return  # closed, nothing to do
+                job, self._pending, self._current, self._go = self._pending, None, self._pending, False
+            ok = self._upload(job)
+            with self._cond:
+                self._current = None
+                if not ok and self._pending is None:
+                    self._pending = job  # kept; tried again at the next submit or wait
+                self._cond.notify_all()
+
+    def _upload(self, job: UploadJob) -> bool:
+        try:
+            manifest = upload_checkpoint(
+                self.store, job.local_dir, job.step, job.epoch,
+                node_rank=self.node_rank, num_nodes=self.num_nodes,
+                attempt=self.attempt, parts_timeout=self.parts_timeout,
+            )
+        except Exception as exc:
+            if not job.local_dir.is_dir():  # the trainer's own rotation removed it; a newer one exists
+                log.warning("checkpoint %s vanished locally before its upload finished; skipped", job.local_dir)
+                return True
+            with self._cond:
+                if not self._degraded:
+                    log.error("checkpoint upload degraded: checkpoint-%d not uploaded (%s); "
+                              "training continues, the upload is retried at the next save", job.step, exc)
+                self._degraded, self._last_error = True, f"checkpoint-{job.step}: {exc}"
+            return False
+        with self._cond:
+            if self._degraded:
+                log.warning("checkpoint uploads recovered with checkpoint-%d", job.step)
+            self._degraded = False
+            self._last_step = job.step
+        if manifest is not None:  # node 0: the checkpoint is complete
+            if self.on_uploaded:
+                self.on_uploaded(manifest)
+            try:
+                apply_retention(self.store, self.save_total_limit)
+            except Exception as exc:  # a leftover costs space, not correctness; next upload retries
+                log.warning("retention after checkpoint-%d failed: %s", job.step, exc)
+        return True
