@@ -1,0 +1,177 @@
+"""Throughput and peak memory of `finetune train` against a plain transformers Trainer script.
+
+Same model (built-in SmolLM2-135M-Instruct), same tokenized samples, same LoRA and training
+settings, in the same run: each side is a fresh subprocess, the order alternates between
+repeats, and the medians are compared. tokens/s = non-padding tokens trained / the Trainer's
+own train_runtime (model loading and tokenisation are outside it on both sides); peak RSS
+is the child's ru_maxrss from wait4. Our overhead target: ratio >= 0.95.
+
+    .venv/bin/python benchmarks/trainer_throughput.py [--samples 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DATA = REPO / "examples" / "data" / "alpaca_demo.jsonl"
+
+SETTINGS = {
+    "micro_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 2.0e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.03,
+    "max_grad_norm": 1.0,
+    "optimizer": "adamw_torch",
+    "weight_decay": 0.0,
+    "max_seq_length": 256,
+    "gradient_checkpointing": False,
+    "mixed_precision": "bf16",
+    "seed": 42,
+    "epochs": 1,
+}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+
+# What a user would write with transformers + peft alone, on the samples our data stage made.
+PLAIN_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import datasets
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from finetune_trainer.model import builtin
+
+    samples, settings, lora, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+    model_dir = builtin.model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                             target_modules=targets, task_type="CAUSAL_LM"))
+    train = datasets.load_from_disk(samples)
+    args = TrainingArguments(
+        output_dir=out, num_train_epochs=settings["epochs"], per_device_train_batch_size=settings["micro_batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"], learning_rate=settings["learning_rate"],
+        lr_scheduler_type=settings["lr_scheduler_type"], warmup_steps=settings["warmup_ratio"],
+        max_grad_norm=settings["max_grad_norm"], optim=settings["optimizer"], weight_decay=settings["weight_decay"],
+        bf16=settings["mixed_precision"] == "bf16", use_cpu=True, seed=settings["seed"], logging_steps=10,
+        save_strategy="no", report_to="none",
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    result = Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
+    tokens = sum(sum(m) for m in train["attention_mask"]) * settings["epochs"]
+    print("RESULT " + json.dumps({"train_runtime": result.metrics["train_runtime"], "tokens": tokens}))
+    """
+)
+
+
+def prepare(work: Path, samples: int) -> tuple[Path, Path, Path]:
+    """The first `samples` demo rows, our config for them, and the same samples tokenized by
+    our data stage for the plain script."""
+    from finetune_trainer.config import FineTuneConfig
+    from finetune_trainer.data import prepare_data
+    from finetune_trainer.model import builtin
+    from transformers import AutoTokenizer
+
+    rows = DEMO_DATA.read_text().splitlines()[:samples]
+    data = work / "train.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    spec = {
+        "model": {"base_model": "builtin:SmolLM2-135M-Instruct"},
+        "fine_tuning": {"method": "lora", "lora": LORA},
+        "training": SETTINGS,
+        "dataset": {"format": "alpaca", "train_path": str(data)},
+        "output": {"output_dir": str(work / "ours"), "logging_steps": 10, "save_steps": 10**6},
+    }
+    config = work / "config.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(spec))
+    cfg = FineTuneConfig.model_validate(spec)
+    tokenizer = AutoTokenizer.from_pretrained(builtin.model_dir())
+    prepared = prepare_data(cfg, tokenizer)
+    samples_dir = work / "samples"
+    prepared.train.save_to_disk(str(samples_dir))
+    return config, samples_dir, data
+
+
+def run_ours(config: Path, work: Path) -> dict[str, float]:
+    import shutil
+
+    shutil.rmtree(work / "ours", ignore_errors=True)  # no resume between repeats
+    finetune = Path(sys.executable).parent / "finetune"
+    _, rss = _run_measured([str(finetune), "train", "--config", str(config)], work)
+    results = json.loads((work / "ours" / "train_results.json").read_text())
+    return {"tokens_per_second": results["train_tokens"] / results["train_runtime_seconds"], "rss_mib": rss}
+
+
+def run_plain(samples_dir: Path, work: Path) -> dict[str, float]:
+    script = work / "plain_trainer.py"
+    script.write_text(PLAIN_SCRIPT)
+    cmd = [sys.executable, str(script), str(samples_dir), json.dumps(SETTINGS), json.dumps(LORA), str(work / "plain")]
+    stdout, rss = _run_measured(cmd, work)
+    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
+    return {"tokens_per_second": result["tokens"] / result["train_runtime"], "rss_mib": rss}
+
+
+def _run_measured(cmd: list[str], cwd: Path) -> tuple[str, float]:
+    """Popen + wait4, so ru_maxrss is this child's alone (RUSAGE_CHILDREN would be the max of all)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_chunks, err_chunks = [], []
+    # communicate() would reap the child itself; read the pipes, then reap with wait4.
+    import threading
+
+    readers = [
+        threading.Thread(target=lambda: out_chunks.append(proc.stdout.read())),
+        threading.Thread(target=lambda: err_chunks.append(proc.stderr.read())),
+    ]
+    for t in readers:
+        t.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    for t in readers:
+        t.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{''.join(err_chunks)[-3000:]}")
+    return "".join(out_chunks), usage.ru_maxrss / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=64, help="demo rows to train on (one epoch)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, order alternating")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="trainer-throughput-") as tmp:
+        work = Path(tmp)
+        config, samples_dir, _ = prepare(work, args.samples)
+        ours, plain = [], []
+        for r in range(args.repeats):
+            order = [("ours", lambda: run_ours(config, work)), ("plain", lambda: run_plain(samples_dir, work))]
+            for name, run in order if r % 2 == 0 else order[::-1]:
+                figures = run()
+                (ours if name == "ours" else plain).append(figures)
+                print(f"repeat {r + 1} {name:5}: {figures['tokens_per_second']:8.1f} tokens/s, "
+                      f"peak RSS {figures['rss_mib']:7.0f} MiB", flush=True)
+    med = lambda runs, key: statistics.median(x[key] for x in runs)  # noqa: E731
+    ours_tps, plain_tps = med(ours, "tokens_per_second"), med(plain, "tokens_per_second")
+    ours_rss, plain_rss = med(ours, "rss_mib"), med(plain, "rss_mib")
+    ratio = ours_tps / plain_tps
+    print(f"\nfinetune train : {ours_tps:8.1f} tokens/s, peak RSS {ours_rss:7.0f} MiB (median of {args.repeats})")
+    print(f"plain Trainer  : {plain_tps:8.1f} tokens/s, peak RSS {plain_rss:7.0f} MiB (median of {args.repeats})")
+    print(f"throughput ratio (ours / plain): {ratio:.3f}  (target >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'})")
+    print(f"peak RSS ratio (ours / plain):   {ours_rss / plain_rss:.3f}")
+    return 0 if ratio >= 0.95 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
