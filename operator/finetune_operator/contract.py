@@ -1,0 +1,138 @@
+"""The operator <-> trainer-pod contract: every name both sides must agree on, in one place.
+
+The operator writes these (render.py), the training pods read them (the trainer, its
+storage and status reporters), and `finetune run` reproduces them on a laptop (local.py).
+It imports nothing heavy (the spec constants only), so the trainer can read it too.
+"""
+
+from __future__ import annotations
+
+from .spec import GROUP, PLURAL, VERSION
+
+# --------------------------------------------------------------------------- mount paths
+CONFIG_DIR = "/etc/finetune"
+CONFIG_FILE = "config.yaml"  # key in the ConfigMap and file name in CONFIG_DIR
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+WORK_DIR = "/workspace"  # emptyDir: pod-local scratch, writable by the non-root trainer
+OUTPUT_DIR = f"{WORK_DIR}/output"  # output.output_dir in the pods; results go to storage
+HF_HOME = f"{WORK_DIR}/.cache/huggingface"  # downloads land in the emptyDir, not the image
+SHM_DIR = "/dev/shm"  # a Memory emptyDir: NCCL and DataLoader workers need more than 64 MiB
+
+# ------------------------------------------------------------------------------ the pods
+CONTAINER_NAME = "pytorch"  # the training operator injects its env only into this container
+MASTER_PORT = 23456  # the training operator's default; its port must be named:
+MASTER_PORT_NAME = "pytorchjob-port"
+TRAINER_UID = 1000  # the trainer image's non-root user (runAsUser/runAsGroup/fsGroup)
+TRAINER_COMMAND = ("finetune", "train", "--config", CONFIG_PATH)
+# More than one process in a pod: torchrun starts them, reading the PET_* variables below.
+TORCHRUN_COMMAND = ("torchrun", "--no-python", *TRAINER_COMMAND)
+
+# ------------------------------------------------------- env the operator sets (render.py)
+ENV_JOB_NAME = "FINETUNE_JOB_NAME"
+ENV_JOB_NAMESPACE = "FINETUNE_JOB_NAMESPACE"
+ENV_JOB_UID = "FINETUNE_JOB_UID"
+ENV_CONFIG = "FINETUNE_CONFIG"  # path of the resolved config (CONFIG_PATH in a pod)
+# Where rank 0 PATCHes status.progress: the job's /status URL, a bearer-token file and a CA
+# file (the ServiceAccount's projected token). Unset (local runs): progress is only printed.
+ENV_STATUS_URL = "FINETUNE_STATUS_URL"
+ENV_STATUS_TOKEN_FILE = "FINETUNE_STATUS_TOKEN_FILE"
+ENV_STATUS_CA_FILE = "FINETUNE_STATUS_CA_FILE"
+ENV_S3_ADDRESSING = "FINETUNE_S3_ADDRESSING"  # "path" when spec.storage.path_style is true
+ENV_HF_TOKEN = "HF_TOKEN"  # from spec.hf_token_secret, by reference
+ENV_HF_HOME = "HF_HOME"
+ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"  # both from spec.storage.credentials_secret,
+ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"  # keys of the same names, by reference
+ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
+ENV_AWS_REGION = "AWS_REGION"
+ENV_LOCAL_RANK = "LOCAL_RANK"  # one process per pod: set to 0 (torchrun sets it otherwise)
+ENV_LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+# torchrun waits this long for its workers after SIGTERM before SIGKILL (default 30 s: too
+# short for a checkpoint upload); render sets it from the termination grace period.
+ENV_TORCHRUN_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+IN_CLUSTER_API_URL = "https://kubernetes.default.svc"
+
+# ----------------------------------- env the Kubeflow training operator injects (PyTorchJob)
+ENV_MASTER_ADDR = "MASTER_ADDR"
+ENV_MASTER_PORT = "MASTER_PORT"
+ENV_WORLD_SIZE = "WORLD_SIZE"  # replicas x nprocPerNode
+ENV_RANK = "RANK"  # the pod's index: Master 0, Worker i -> i + 1
+ENV_PET_NNODES = "PET_NNODES"
+ENV_PET_NPROC_PER_NODE = "PET_NPROC_PER_NODE"
+ENV_PET_NODE_RANK = "PET_NODE_RANK"
+ENV_PET_MASTER_ADDR = "PET_MASTER_ADDR"
+ENV_PET_MASTER_PORT = "PET_MASTER_PORT"
+ENV_PYTHONUNBUFFERED = "PYTHONUNBUFFERED"
+TRAINING_OPERATOR_ENV = (
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_WORLD_SIZE,
+    ENV_RANK,
+    ENV_PET_NNODES,
+    ENV_PET_NPROC_PER_NODE,
+    ENV_PET_NODE_RANK,
+    ENV_PET_MASTER_ADDR,
+    ENV_PET_MASTER_PORT,
+    ENV_PYTHONUNBUFFERED,
+)
+
+# --------------------------------------------------- names a user's spec.env may not use
+# Why each is reserved, so the error says what to do instead.
+RESERVED_ENV: dict[str, str] = {
+    **{name: "set by the operator" for name in (
+        ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_JOB_UID, ENV_CONFIG, ENV_STATUS_URL, ENV_STATUS_TOKEN_FILE,
+        ENV_STATUS_CA_FILE, ENV_HF_HOME, ENV_LOCAL_RANK, ENV_LOCAL_WORLD_SIZE, ENV_TORCHRUN_SHUTDOWN_TIMEOUT,
+    )},
+    **{name: "set by the Kubeflow training operator for torch.distributed" for name in TRAINING_OPERATOR_ENV},
+    ENV_HF_TOKEN: "comes from a Secret: set spec.hf_token_secret (name, key) so the token never sits in the spec",
+    ENV_AWS_ACCESS_KEY_ID: "comes from a Secret: set spec.storage.credentials_secret",
+    ENV_AWS_SECRET_ACCESS_KEY: "comes from a Secret: set spec.storage.credentials_secret",
+    ENV_AWS_ENDPOINT_URL: "set from spec.storage.endpoint_url",
+    ENV_AWS_REGION: "set from spec.storage.region",
+    ENV_S3_ADDRESSING: "set from spec.storage.path_style",
+}
+RESERVED_ENV_PREFIXES = ("FINETUNE_", "PET_")
+
+
+def reserved_env_reason(name: str) -> str | None:
+    """Why a user may not set `name` in spec.env, or None when it is free."""
+    if name in RESERVED_ENV:
+        return RESERVED_ENV[name]
+    if name.startswith(RESERVED_ENV_PREFIXES):
+        return f"names starting with {' or '.join(RESERVED_ENV_PREFIXES)} are reserved for the operator and torchrun"
+    return None
+
+
+def status_url(api_url: str, namespace: str, name: str) -> str:
+    """The job's status subresource, the one URL the trainer's token may GET and PATCH."""
+    return f"{api_url.rstrip('/')}/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+
+
+# --------------------------------------------------------------- labels and annotations
+LABEL_JOB_NAME = f"{GROUP}/job-name"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "finetune-operator"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"  # on every child: the spec it was rendered from
+
+# ----------------------------------------------------------------- object storage layout
+# <storage.uri>/<namespace>/<job>/ holds checkpoints/, metrics.jsonl and final/.
+
+
+def job_storage_uri(base_uri: str, namespace: str, name: str) -> str:
+    return f"{base_uri.rstrip('/')}/{namespace}/{name}"
+
+
+# ------------------------------------------------------------------------- exit codes
+# The PyTorchJob uses restartPolicy: ExitCode: 1-127 fail the job for good, 128-255 are
+# retried (up to runPolicy.backoffLimit). The trainer exits accordingly (ARCHITECTURE.md).
+EXIT_OK = 0
+EXIT_PERMANENT = 1  # bad config, missing data, NaN loss: a retry cannot fix it
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved a checkpoint on SIGTERM; resume on retry
+RETRYABLE_EXIT_CODES = range(128, 256)
+
+
+def exit_code_is_retryable(code: int) -> bool:
+    return code in RETRYABLE_EXIT_CODES
+

@@ -1,0 +1,412 @@
+"""FineTuneJob -> the Kubernetes objects that run it. Pure: same job, same settings, same output.
+
+    render(job, settings) -> [ConfigMap, ServiceAccount, Role, RoleBinding, PyTorchJob]
+
+The operator applies these, `finetune render` prints them and `finetune run` executes the
+PyTorchJob's replicas as local processes. No clock, no environment, no kopf: the trainer
+image, default storage and policy come in through RenderSettings. One builder per kind;
+names are deterministic (`<job>-config`, `<job>-trainer`, `<job>`) and every object is
+owned by the FineTuneJob, so a retry never makes a twin and deleting the job deletes them
+(the checkpoints in object storage stay).
+
+An invalid job raises ConfigError with every problem (dotted `spec.` paths) and renders
+nothing: the spec's own checks (validate_manifest) plus what only a cluster cares about
+(policy, reserved env names, storage, names the training operator derives).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune_trainer.config import ConfigError, ConfigIssue, FineTuneConfig, LoadedConfig, dump_config
+from finetune_trainer.config.schema import SECTIONS
+
+from . import contract as c
+from .manifest import validate_manifest
+from .spec import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec, StorageSpec
+
+PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
+GPU_RESOURCE = "nvidia.com/gpu"
+DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# The training operator names each pod's Service <job>-worker-<index>: a 63-character label.
+MAX_JOB_NAME = 63 - len("-worker-") - 3
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What the operator's deployment decides (flags of `finetune operator`), not the user."""
+
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    default_storage: StorageSpec | None = None  # for jobs without spec.storage
+    forbid_trust_remote_code: bool = False
+    # Where the trainer PATCHes status (None: no status reporting, e.g. local runs).
+    status_api_url: str | None = c.IN_CLUSTER_API_URL
+    status_token_file: str = f"{c.SERVICE_ACCOUNT_DIR}/token"
+    status_ca_file: str = f"{c.SERVICE_ACCOUNT_DIR}/ca.crt"
+    backoff_limit: int = 3  # retries of retryable exits (128-255) before the job fails
+    output_dir: str = c.OUTPUT_DIR  # output.output_dir in the pods
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: Any) -> RenderSettings:
+        """From `finetune operator|render|run` flags (absent flags keep the defaults)."""
+        uri = getattr(args, "default_storage_uri", None)
+        secret = getattr(args, "default_storage_credentials_secret", None)
+        return cls(
+            trainer_image=getattr(args, "trainer_image", None) or DEFAULT_TRAINER_IMAGE,
+            default_storage=StorageSpec(uri=uri, credentials_secret=secret) if uri else None,
+            forbid_trust_remote_code=bool(getattr(args, "forbid_trust_remote_code", False)),
+        )
+
+
+# --------------------------------------------------------------------------------- checks
+
+
+def check(job: dict[str, Any], settings: RenderSettings) -> LoadedConfig:
+    """The job's spec, checked like `finetune validate` does plus the cluster's own rules."""
+    loaded = validate_manifest(job, mode="validate", base_dir=Path(c.CONFIG_DIR))
+    spec: FineTuneJobSpec = loaded.config  # type: ignore[assignment]
+    issues = [
+        *name_issues(job["metadata"]["name"]),
+        *policy_issues(spec, settings),
+        *env_issues(spec),
+        *resource_issues(spec),
+        *storage_issues(spec, settings),
+    ]
+    if issues:
+        raise ConfigError(issues, loaded.warnings)
+    return loaded
+
+
+def name_issues(name: str) -> list[ConfigIssue]:
+    """The PyTorchJob takes the job's name; the training operator wants a DNS-1035 label
+    that still fits once it appends -worker-<index> for the pods' Services."""
+    if not DNS_1035.match(name):
+        return [ConfigIssue("metadata.name", f"must start with a letter (the PyTorchJob and its Services reuse it) (got {name!r})")]
+    if len(name) > MAX_JOB_NAME:
+        return [ConfigIssue("metadata.name", f"at most {MAX_JOB_NAME} characters: pods get Services named "
+                            f"<name>-worker-<index> (got {len(name)})")]
+    return []
+
+
+def policy_issues(spec: FineTuneJobSpec, settings: RenderSettings) -> list[ConfigIssue]:
+    if settings.forbid_trust_remote_code and spec.model.trust_remote_code:
+        return [ConfigIssue(
+            "spec.model.trust_remote_code",
+            "this cluster forbids running code from model repositories; set it to false "
+            "(the seed's default is true, so it must be written out)",
+        )]
+    return []
+
+
+def env_issues(spec: FineTuneJobSpec) -> list[ConfigIssue]:
+    issues, seen = [], set()
+    for i, var in enumerate(spec.env):
+        reason = c.reserved_env_reason(var.name)
+        if reason:
+            issues.append(ConfigIssue(f"spec.env[{i}].name", f"{var.name} is reserved: {reason}"))
+        elif var.name in seen:
+            issues.append(ConfigIssue(f"spec.env[{i}].name", f"{var.name} is set twice; keep one"))
+        seen.add(var.name)
+    return issues
+
+
+def resource_issues(spec: FineTuneJobSpec) -> list[ConfigIssue]:
+    return [
+        ConfigIssue(f"spec.resources.{kind}", f"{GPU_RESOURCE} comes from spec.gpus_per_node; remove it here")
+        for kind in ("requests", "limits")
+        if GPU_RESOURCE in (spec.resources.get(kind) or {})
+    ]
+
+
+def storage_issues(spec: FineTuneJobSpec, settings: RenderSettings) -> list[ConfigIssue]:
+    issues = []
+    if spec.output.storage_uri is not None:
+        issues.append(ConfigIssue("spec.output.storage_uri", "is set by the operator from spec.storage.uri; "
+                                  "set spec.storage.uri instead and remove this key"))
+    if spec.storage is None and settings.default_storage is None:
+        issues.append(ConfigIssue("spec.storage", "checkpoints and the final model need object storage and this "
+                                  "operator has no default; set spec.storage.uri (s3://bucket/prefix)"))
+    return issues
+
+
+# ----------------------------------------------------------------------------------- render
+
+
+def render(job: dict[str, Any], settings: RenderSettings) -> list[dict[str, Any]]:
+    """Every child object of the job, in apply order (RBAC before the pods that use it)."""
+    spec: FineTuneJobSpec = check(job, settings).config  # type: ignore[assignment]
+    ctx = _Context.of(job, spec, settings)
+    return [config_map(ctx), service_account(ctx), role(ctx), role_binding(ctx), pytorch_job(ctx)]
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """A short digest of the spec as stored; children carry it to tell a spec edit apart."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{job_name}-config"
+
+
+def service_account_name(job_name: str) -> str:
+    return f"{job_name}-trainer"
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every builder needs, computed once."""
+
+    name: str
+    namespace: str
+    uid: str | None
+    spec: FineTuneJobSpec
+    settings: RenderSettings
+    storage: StorageSpec
+    spec_hash: str
+
+    @classmethod
+    def of(cls, job: dict[str, Any], spec: FineTuneJobSpec, settings: RenderSettings) -> _Context:
+        meta = job["metadata"]
+        storage = spec.storage or settings.default_storage
+        assert storage is not None  # storage_issues refused the job otherwise
+        return cls(meta["name"], meta.get("namespace") or "default", meta.get("uid"), spec, settings, storage,
+                   spec_hash(job["spec"]))
+
+    @property
+    def nproc_per_node(self) -> int:
+        return max(self.spec.gpus_per_node, 1)
+
+    def labels(self) -> dict[str, str]:
+        return {c.LABEL_JOB_NAME: self.name, c.LABEL_MANAGED_BY: c.MANAGED_BY, **self.settings.extra_labels}
+
+    def metadata(self, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """Name, namespace, labels, the spec hash and the owner reference (when the job has a
+        uid: a file given to `finetune render` has none, an object from the API server does)."""
+        meta: dict[str, Any] = {
+            "name": name,
+            "namespace": self.namespace,
+            "labels": {**self.labels(), **(labels or {})},
+            "annotations": {c.ANNOTATION_SPEC_HASH: self.spec_hash},
+        }
+        if self.uid:
+            meta["ownerReferences"] = [owner_reference(self.name, self.uid)]
+        return meta
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    """Controller reference: garbage collection deletes the child with the job."""
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": name, "uid": uid, "controller": True,
+            "blockOwnerDeletion": True}
+
+
+# ----------------------------------------------------------------------------- config map
+
+
+def trainer_config(spec: FineTuneJobSpec, *, storage_uri: str, output_dir: str) -> FineTuneConfig:
+    """The seed-format config the pods train from: the spec's sections, resolved, with the
+    job's own storage prefix and a pod-local output directory."""
+    data = spec.model_dump(mode="json", include=set(SECTIONS))
+    data["output"]["storage_uri"] = storage_uri
+    data["output"]["output_dir"] = output_dir
+    return FineTuneConfig.model_validate(data)
+
+
+def config_map(ctx: _Context) -> dict[str, Any]:
+    cfg = trainer_config(
+        ctx.spec,
+        storage_uri=c.job_storage_uri(ctx.storage.uri, ctx.namespace, ctx.name),
+        output_dir=ctx.settings.output_dir,
+    )
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": ctx.metadata(config_map_name(ctx.name)),
+            "data": {c.CONFIG_FILE: dump_config(cfg)}}
+
+
+# ------------------------------------------------------------------------------------ RBAC
+
+
+def service_account(ctx: _Context) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": ctx.metadata(service_account_name(ctx.name))}
+
+
+def role(ctx: _Context) -> dict[str, Any]:
+    """Exactly what rank 0 needs to report progress: this one job's status, get and patch."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": ctx.metadata(service_account_name(ctx.name)),
+        "rules": [{"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "resourceNames": [ctx.name],
+                   "verbs": ["get", "patch"]}],
+    }
+
+
+def role_binding(ctx: _Context) -> dict[str, Any]:
+    name = service_account_name(ctx.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": ctx.metadata(name),
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ctx.namespace}],
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+    }
+
+
+# ------------------------------------------------------------------------------ PyTorchJob
+
+
+def pytorch_job(ctx: _Context) -> dict[str, Any]:
+    """Master (1) + Worker (nodes - 1). restartPolicy ExitCode: the trainer's 1-127 fail the
+    job, 128+ (preempted after saving) are retried up to backoffLimit."""
+    spec = ctx.spec
+    labels = {c.LABEL_KUEUE_QUEUE: spec.queue_name} if spec.queue_name else {}
+    replicas = {"Master": _replica(ctx, 1)}
+    if spec.nodes > 1:
+        replicas["Worker"] = _replica(ctx, spec.nodes - 1)
+    return {
+        "apiVersion": PYTORCHJOB_API_VERSION,
+        "kind": "PyTorchJob",
+        "metadata": ctx.metadata(ctx.name, labels),
+        "spec": {
+            "nprocPerNode": str(ctx.nproc_per_node),
+            # Kueue admits a queued job by unsuspending it, so a queued job starts suspended.
+            "runPolicy": {"suspend": spec.suspend or spec.queue_name is not None,
+                          "backoffLimit": ctx.settings.backoff_limit},
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def _replica(ctx: _Context, count: int) -> dict[str, Any]:
+    return {"replicas": count, "restartPolicy": "ExitCode", "template": pod_template(ctx)}
+
+
+def pod_template(ctx: _Context) -> dict[str, Any]:
+    spec = ctx.spec
+    pod: dict[str, Any] = {
+        "serviceAccountName": service_account_name(ctx.name),
+        "automountServiceAccountToken": ctx.settings.status_api_url is not None,
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": c.TRAINER_UID,
+            "runAsGroup": c.TRAINER_UID,
+            "fsGroup": c.TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container(ctx)],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(ctx.name)}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "workspace", "emptyDir": {}},
+        ],
+    }
+    optional = {
+        "nodeSelector": spec.node_selector,
+        "tolerations": spec.tolerations,
+        "affinity": spec.affinity,
+        "priorityClassName": spec.priority_class_name,
+    }
+    pod.update({k: v for k, v in optional.items() if v})
+    return {"metadata": {"labels": ctx.labels(), "annotations": {c.ANNOTATION_SPEC_HASH: ctx.spec_hash}},
+            "spec": pod}
+
+
+def container(ctx: _Context) -> dict[str, Any]:
+    return {
+        "name": c.CONTAINER_NAME,
+        "image": ctx.spec.image or ctx.settings.trainer_image,
+        "command": list(trainer_command(ctx.nproc_per_node)),
+        "workingDir": c.WORK_DIR,
+        "env": env(ctx),
+        "resources": resources(ctx.spec),
+        "ports": [{"name": c.MASTER_PORT_NAME, "containerPort": c.MASTER_PORT, "protocol": "TCP"}],
+        "volumeMounts": [
+            {"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": c.SHM_DIR},
+            {"name": "workspace", "mountPath": c.WORK_DIR},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+        },
+    }
+
+
+def trainer_command(nproc_per_node: int) -> tuple[str, ...]:
+    """One process per pod: the trainer itself (its exit code reaches the training
+    operator unchanged). More: torchrun starts them from the PET_* variables."""
+    return c.TRAINER_COMMAND if nproc_per_node == 1 else c.TORCHRUN_COMMAND
+
+
+def resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """The user's requests/limits plus the GPUs (a limit; Kubernetes copies it to requests)."""
+    out = {kind: dict(spec.resources[kind]) for kind in ("requests", "limits") if spec.resources.get(kind)}
+    if spec.gpus_per_node:
+        out["limits"] = {**out.get("limits", {}), GPU_RESOURCE: spec.gpus_per_node}
+    return out
+
+
+def _value(name: str, value: str | int) -> dict[str, Any]:
+    return {"name": name, "value": str(value)}
+
+
+def _secret(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def env(ctx: _Context) -> list[dict[str, Any]]:
+    """The contract's variables, Secrets by reference, storage settings, then the user's."""
+    spec, settings, storage = ctx.spec, ctx.settings, ctx.storage
+    out = [
+        _value(c.ENV_JOB_NAME, ctx.name),
+        _value(c.ENV_JOB_NAMESPACE, ctx.namespace),
+        *([_value(c.ENV_JOB_UID, ctx.uid)] if ctx.uid else []),
+        _value(c.ENV_CONFIG, c.CONFIG_PATH),
+        _value(c.ENV_HF_HOME, c.HF_HOME),
+    ]
+    if settings.status_api_url:
+        out += [
+            _value(c.ENV_STATUS_URL, c.status_url(settings.status_api_url, ctx.namespace, ctx.name)),
+            _value(c.ENV_STATUS_TOKEN_FILE, settings.status_token_file),
+            _value(c.ENV_STATUS_CA_FILE, settings.status_ca_file),
+        ]
+    if ctx.nproc_per_node == 1:
+        out += [_value(c.ENV_LOCAL_RANK, 0), _value(c.ENV_LOCAL_WORLD_SIZE, 1)]
+    else:  # leave torchrun's workers most of the grace period to save on SIGTERM
+        out.append(_value(c.ENV_TORCHRUN_SHUTDOWN_TIMEOUT, max(spec.termination_grace_period_seconds - 10, 1)))
+    if spec.hf_token_secret:
+        out.append(_secret(c.ENV_HF_TOKEN, spec.hf_token_secret.name, spec.hf_token_secret.key))
+    if storage.credentials_secret:
+        out += [_secret(key, storage.credentials_secret, key) for key in (c.ENV_AWS_ACCESS_KEY_ID, c.ENV_AWS_SECRET_ACCESS_KEY)]
+    if storage.endpoint_url:
+        out.append(_value(c.ENV_AWS_ENDPOINT_URL, storage.endpoint_url))
+    if storage.region:
+        out.append(_value(c.ENV_AWS_REGION, storage.region))
+    if storage.path_style:
+        out.append(_value(c.ENV_S3_ADDRESSING, "path"))
+    return out + [_value(var.name, var.value) for var in spec.env]
+
+
+class _BlockStrings(yaml.SafeDumper):
+    """Multi-line strings (the ConfigMap's config.yaml) as readable `|` blocks."""
+
+
+_BlockStrings.add_representer(
+    str,
+    lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None),
+)
+
+
+def to_yaml(manifests: list[dict[str, Any]]) -> str:
+    """A YAML stream for `kubectl apply -f -`."""
+    return yaml.dump_all(manifests, Dumper=_BlockStrings, sort_keys=False, allow_unicode=True)
