@@ -1,0 +1,270 @@
+"""kopf handlers: a FineTuneJob becomes its children; its PyTorchJob's state becomes its status.
+
+Thin edges over pure code (render.py, status.py, kube.py's helpers):
+
+1. reconcile (create / resume / spec update): validate and render; on an invalid spec write
+   Accepted=False with every `path: message`, post a Warning Event, create nothing. Otherwise
+   apply each child idempotently (create; 409 -> read, patch what drifted), then write the
+   status derived from what was applied through the /status subresource (kopf's patch.fns:
+   a JSON patch guarded by the resourceVersion).
+2. pytorchjob_event: every event of a labelled PyTorchJob recomputes the owner's status
+   (JSON patch on /status with a resourceVersion test, re-read on 422) and posts an Event
+   per condition transition. The exit code comes from the pods when the job failed or restarts.
+
+Spec edits after start are REJECTED, except spec.suspend: a training run cannot change its
+model, data or hyper-parameters mid-way and still resume from its checkpoints, and silently
+restarting hours of GPU time is worse than saying no. The run keeps its original spec,
+Accepted=False (reason SpecChangeRejected) and a Warning Event say so; reverting the edit
+makes the job Accepted again; delete and re-create to change it (checkpoints stay in storage).
+"After start" means: the PyTorchJob exists. Before that (e.g. after an invalid spec) edits apply.
+
+Deletion: no finalizer. Every child carries an ownerReference to the FineTuneJob, so the
+API server's garbage collector deletes them (and the PyTorchJob's pods) when the job goes;
+the operator never touches object storage, so checkpoints survive. A finalizer would only
+add a way to get stuck (an operator down = a job that cannot be deleted) for no gain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from finetune_trainer.config import ConfigError
+
+from . import status as st
+from .contract import ANNOTATION_SPEC_HASH, LABEL_JOB_NAME
+from .kube import JSON_PATCH, ApiError, Kube, status_json_patch
+from .render import render, spec_hash
+from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
+
+FINETUNEJOBS = (GROUP, VERSION, PLURAL)
+PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
+PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND = "kubeflow.org/v1", "PyTorchJob"
+TRAINING_JOB_LABEL = "training.kubeflow.org/job-name"  # the training operator labels pods so
+RETRY_DELAY = 10.0  # seconds before kopf retries a handler after an API hiccup
+MAX_STATUS_CONFLICTS = 5  # re-reads when another writer moved the resourceVersion first
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ------------------------------------------------------------------ edges (side effects)
+
+
+@contextlib.contextmanager
+def api_errors(delay: float) -> Iterator[None]:
+    """Classify API failures at the edge: a refused object (400/422) is permanent, the rest
+    (unreachable, 5xx, 429, 403 until RBAC is fixed, 404 until a CRD exists) is temporary."""
+    try:
+        yield
+    except ApiError as err:
+        if err.invalid:
+            raise kopf.PermanentError(f"the API server refused a rendered object: {err}") from err
+        raise kopf.TemporaryError(f"Kubernetes API: {err}", delay=delay) from err
+
+
+def read_exit(kube: Kube, namespace: str, pytorchjob: Mapping[str, Any]) -> st.ExitInfo | None:
+    """The trainer's last non-zero exit, from the job's pods, when the job failed or restarts."""
+    if not st.needs_pods(pytorchjob):
+        return None
+    name = pytorchjob["metadata"]["name"]
+    return st.exit_from_pods(kube.list("v1", "Pod", namespace, label_selector=f"{TRAINING_JOB_LABEL}={name}"))
+
+
+def suspend_only_change(existing_hash: str | None, spec: Mapping[str, Any]) -> bool:
+    """Whether the running child's spec hash is this spec's, up to spec.suspend."""
+    if not existing_hash:
+        return True  # rendered before hashes existed: nothing to compare, keep it applied
+    variants = [dict(spec), {**spec, "suspend": True}, {**spec, "suspend": False}]
+    variants.append({k: v for k, v in spec.items() if k != "suspend"})
+    return existing_hash in {spec_hash(v) for v in variants}
+
+
+KUEUE_OWNED = (("spec", "runPolicy", "suspend"),)
+
+
+def owned_by_others(manifest: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
+    """A queued job's runPolicy.suspend belongs to Kueue (it admits by unsuspending) unless
+    the user suspends it; never re-suspend what Kueue admitted."""
+    queued = manifest["kind"] == PYTORCHJOB_KIND and spec.get("queue_name") and spec.get("suspend") is not True
+    return KUEUE_OWNED if queued else ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one reconcile decided and saw: the verdict and the PyTorchJob's summary."""
+
+    acceptance: st.Acceptance
+    pytorchjob: dict[str, Any] | None
+    applied: tuple[tuple[str, str, str], ...] = ()  # (kind, name, created|unchanged|patched)
+
+
+def reconcile_job(kube: Kube, job: Mapping[str, Any], settings: Any) -> Outcome:
+    """1 validate + render, 2 refuse a spec change after start, 3 apply children in order."""
+    meta = job["metadata"]
+    generation = int(meta.get("generation") or 1)
+    try:
+        manifests = render(dict(job), settings)
+    except ConfigError as exc:
+        return Outcome(st.Acceptance.invalid(generation, [str(issue) for issue in exc.errors]), None)
+    existing = kube.get(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, meta["namespace"], meta["name"])
+    if existing is not None:
+        running_hash = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
+        if not suspend_only_change(running_hash, job.get("spec") or {}):
+            summary = st.summarize_pytorchjob(existing, read_exit(kube, meta["namespace"], existing))
+            return Outcome(st.Acceptance.change_rejected(generation), summary)
+    applied, pytorchjob = [], None
+    for manifest in manifests:
+        action, obj = kube.apply(manifest, ignore=owned_by_others(manifest, job.get("spec") or {}))
+        applied.append((manifest["kind"], manifest["metadata"]["name"], action))
+        if manifest["kind"] == PYTORCHJOB_KIND:
+            pytorchjob = obj
+    summary = st.summarize_pytorchjob(pytorchjob, read_exit(kube, meta["namespace"], pytorchjob)) if pytorchjob else None
+    return Outcome(st.Acceptance.valid(generation), summary, tuple(applied))
+
+
+def status_writer(outcome: Outcome, spec_suspend: bool, when: str) -> Callable[[dict[str, Any]], None]:
+    """A kopf patch fn: derive status on the freshest body kopf has (it diffs it into a JSON
+    patch with a resourceVersion test, and re-applies this fn on a newer body after a 422).
+
+    The PyTorchJob summary already in status wins over the one this reconcile read: it is
+    written by the PyTorchJob's own event handler, which sees every later change."""
+
+    def write(body: dict[str, Any]) -> None:
+        status = body.setdefault("status", {})
+        pytorchjob = status.get("pytorchJob") or outcome.pytorchjob
+        status.update(derive(body, outcome.acceptance, spec_suspend, pytorchjob, when))
+
+    return write
+
+
+def derive(
+    body: Mapping[str, Any], acceptance: st.Acceptance, spec_suspend: bool, pytorchjob: Any, when: str
+) -> dict[str, Any]:
+    status = body.get("status") or {}
+    return st.conditions_for(
+        generation=int(body["metadata"].get("generation") or 1),
+        acceptance=acceptance,
+        suspend=spec_suspend,
+        pytorchjob=pytorchjob,
+        progress=status.get("progress"),
+        previous=status.get("conditions"),
+        now=when,
+    )
+
+
+def announce(owner: Mapping[str, Any], events: list[st.Transition]) -> None:
+    """One Kubernetes Event per condition transition, on the FineTuneJob."""
+    ref = {"apiVersion": API_VERSION, "kind": KIND, "metadata": owner["metadata"]}
+    for event in events:
+        kopf.event(ref, type=event.event_type, reason=event.reason, message=event.event_message())
+
+
+def owner_events(before: Mapping[str, Any] | None, after: Mapping[str, Any], acceptance: st.Acceptance) -> list[st.Transition]:
+    """Transitions, plus a Warning for every rejected generation (not only the first)."""
+    events = st.transitions((before or {}).get("conditions"), after["conditions"])
+    if acceptance.status == st.FALSE and not any(e.type == st.ACCEPTED for e in events):
+        events.append(st.Transition(st.ACCEPTED, st.FALSE, acceptance.reason, acceptance.message))
+    return events
+
+
+def sync_owner_status(kube: Kube, pytorchjob: Mapping[str, Any], logger: logging.Logger) -> None:
+    """PyTorchJob -> its FineTuneJob's status: read the owner, derive, JSON-patch /status with
+    a resourceVersion test; on 422 (someone wrote first) read again and re-derive."""
+    meta = pytorchjob["metadata"]
+    namespace, owner_name = meta["namespace"], meta["labels"][LABEL_JOB_NAME]
+    summary = st.summarize_pytorchjob(pytorchjob, read_exit(kube, namespace, pytorchjob))
+    for _ in range(MAX_STATUS_CONFLICTS):
+        owner = kube.get(API_VERSION, KIND, namespace, owner_name)
+        owner_uid = (owner or {}).get("metadata", {}).get("uid")
+        if owner is None or not any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or []):
+            return  # the owner is gone (GC follows) or this is not its child
+        status = owner.get("status") or {}
+        acceptance = st.Acceptance.from_conditions(status.get("conditions"), int(owner["metadata"].get("generation") or 1))
+        new = derive(owner, acceptance, (owner.get("spec") or {}).get("suspend") is True, summary, now())
+        if not st.status_changed(status, new):
+            return
+        try:
+            kube.patch(API_VERSION, KIND, namespace, owner_name, status_json_patch(owner, new),
+                       content_type=JSON_PATCH, subresource="status")
+        except ApiError as err:
+            if err.status == 422:
+                continue
+            raise
+        announce(owner, st.transitions(status.get("conditions"), new["conditions"]))
+        return
+    logger.warning(f"status of {namespace}/{owner_name} kept changing under us; the next event retries")
+
+
+def as_job(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain, private copy of the FineTuneJob (render must not see kopf's views)."""
+    return {key: copy.deepcopy(value) for key, value in body.items()}
+
+
+# ------------------------------------------------------------------ handlers
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo | None:
+    """kopf talks to the same API server, with the same credentials, as our client."""
+    kube: Kube | None = getattr(memo, "kube", None)
+    return connection_info(kube.configuration) if kube else kopf.login_via_client(**_)
+
+
+@kopf.on.probe(id="reconciles")
+def reconciles(memo: kopf.Memo, **_: Any) -> int:
+    """Liveness detail: reconciles done since start (kopf answers the endpoint itself)."""
+    return int(getattr(memo, "reconciles", 0))
+
+
+@kopf.on.resume(*FINETUNEJOBS)
+@kopf.on.create(*FINETUNEJOBS)
+@kopf.on.update(*FINETUNEJOBS, field="spec")
+def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Validate, render, apply the children, and derive status from what was applied."""
+    job, when = as_job(body), now()
+    with api_errors(getattr(memo, "retry_delay", RETRY_DELAY)):
+        outcome = reconcile_job(memo.kube, job, memo.render_settings)
+    spec_suspend = (job.get("spec") or {}).get("suspend") is True
+    patch.fns.append(status_writer(outcome, spec_suspend, when))
+    expected = derive(job, outcome.acceptance, spec_suspend, (job.get("status") or {}).get("pytorchJob") or outcome.pytorchjob, when)
+    announce(job, owner_events(job.get("status"), expected, outcome.acceptance))
+    memo.reconciles = getattr(memo, "reconciles", 0) + 1
+    logger.info(f"{outcome.acceptance.reason}: " + ", ".join(f"{k} {n} {a}" for k, n, a in outcome.applied))
+
+
+@kopf.on.event(*PYTORCHJOBS, labels={LABEL_JOB_NAME: kopf.PRESENT})
+def pytorchjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Mirror the PyTorchJob's state onto its FineTuneJob (a relist every watch restart resyncs)."""
+    if type == "DELETED":
+        return
+    try:
+        sync_owner_status(memo.kube, as_job(body), logger)
+    except ApiError as err:
+        logger.warning(f"could not update the FineTuneJob's status: {err}")
+
+
+def connection_info(configuration: Any) -> kopf.ConnectionInfo:
+    """kubernetes.client.Configuration -> kopf.ConnectionInfo (host, token, TLS files)."""
+    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix("authorization")
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0] if parts else None)
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+    )
