@@ -72,23 +72,26 @@ class RenderSettings:
 
 def check(job: dict[str, Any], settings: RenderSettings) -> LoadedConfig:
     """The job's spec, checked like `finetune validate` does plus the cluster's own rules."""
-    loaded = validate_manifest(job, mode="validate", base_dir=Path(c.CONFIG_DIR))
+    raw_spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
+    raw_name = (job.get("metadata") or {}).get("name") if isinstance(job.get("metadata"), dict) else None
+    untyped = [*name_issues(raw_name), *env_issues(raw_spec.get("env"))]  # need no valid spec: reported with its errors
+    try:
+        loaded = validate_manifest(job, mode="validate", base_dir=Path(c.CONFIG_DIR))
+    except ConfigError as exc:
+        known = {e.path for e in exc.errors}
+        raise ConfigError(exc.errors + [i for i in untyped if i.path not in known], exc.warnings) from None
     spec: FineTuneJobSpec = loaded.config  # type: ignore[assignment]
-    issues = [
-        *name_issues(job["metadata"]["name"]),
-        *policy_issues(spec, settings),
-        *env_issues(spec),
-        *resource_issues(spec),
-        *storage_issues(spec, settings),
-    ]
+    issues = [*untyped, *policy_issues(spec, settings), *resource_issues(spec), *storage_issues(spec, settings)]
     if issues:
         raise ConfigError(issues, loaded.warnings)
     return loaded
 
 
-def name_issues(name: str) -> list[ConfigIssue]:
+def name_issues(name: Any) -> list[ConfigIssue]:
     """The PyTorchJob takes the job's name; the training operator wants a DNS-1035 label
     that still fits once it appends -worker-<index> for the pods' Services."""
+    if not isinstance(name, str):
+        return []  # the envelope check reports it
     if not DNS_1035.match(name):
         return [ConfigIssue("metadata.name", f"must start with a letter (the PyTorchJob and its Services reuse it) (got {name!r})")]
     if len(name) > MAX_JOB_NAME:
@@ -107,15 +110,19 @@ def policy_issues(spec: FineTuneJobSpec, settings: RenderSettings) -> list[Confi
     return []
 
 
-def env_issues(spec: FineTuneJobSpec) -> list[ConfigIssue]:
+def env_issues(env: Any) -> list[ConfigIssue]:
+    """spec.env (as written) against the contract's reserved names, and duplicates."""
     issues, seen = [], set()
-    for i, var in enumerate(spec.env):
-        reason = c.reserved_env_reason(var.name)
+    for i, var in enumerate(env if isinstance(env, list) else []):
+        name = var.get("name") if isinstance(var, dict) else None
+        if not isinstance(name, str):
+            continue  # the schema reports it
+        reason = c.reserved_env_reason(name)
         if reason:
-            issues.append(ConfigIssue(f"spec.env[{i}].name", f"{var.name} is reserved: {reason}"))
-        elif var.name in seen:
-            issues.append(ConfigIssue(f"spec.env[{i}].name", f"{var.name} is set twice; keep one"))
-        seen.add(var.name)
+            issues.append(ConfigIssue(f"spec.env[{i}].name", f"{name} is reserved: {reason}"))
+        elif name in seen:
+            issues.append(ConfigIssue(f"spec.env[{i}].name", f"{name} is set twice; keep one"))
+        seen.add(name)
     return issues
 
 
