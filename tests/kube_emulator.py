@@ -581,3 +581,28 @@ def pytorchjob_conditions(*types: str, message: str = "") -> dict[str, Any]:
          "lastTransitionTime": now_rfc3339(), "lastUpdateTime": now_rfc3339()}
         for t in types
     ]}
+
+
+# ------------------------------------------------------------------ pytest fixtures
+# Import them into a test module: `from kube_emulator import cluster, emulator, operator`.
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def emulator() -> Iterable[EmulatorThread]:
+    with EmulatorThread() as emu:
+        yield emu
+
+
+@pytest.fixture
+def cluster(emulator: EmulatorThread) -> Cluster:
+    return Cluster(emulator)
+
+
+@pytest.fixture
+def operator(emulator: EmulatorThread) -> Iterable[OperatorThread]:
+    op = OperatorThread(emulator.url).start()
+    yield op
+    if not op.stop_flag.is_set():
+        op.stop()

@@ -324,7 +324,7 @@ def _failure(job: JobState, exit_info: ExitInfo | None) -> tuple[str, str]:
 
 
 def _with_checkpoint(message: str, progress: Mapping[str, Any] | None) -> str:
-    checkpoint = (progress or {}).get("latestCheckpoint")
+    checkpoint = (progress or {}).get("checkpointUri")
     return f"{message}; newest complete checkpoint: {checkpoint}" if checkpoint else message
 
 
