@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -69,5 +68,110 @@ def binary(name: str) -> Path:
     override = os.environ.get(name.upper())
     if override and Path(override).exists():
         return Path(override)
-    on_path = shutil.which(name) if os.environ.get("FINETUNE_USE_PATH_BINARIES") else None
-    return Path(on_path) if on_path else ensure_binaries()[name]
+    return ensure_binaries()[name]
+
+
+# ------------------------------------------------------------------ chart and schemas
+
+CHART = REPO / "helm" / "finetune-operator"
+KUBERNETES_VERSION = "1.35.0"  # the kubectl/API version the layer package carries
+
+
+def run_tool(name: str, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """helm/kubectl with no cluster: an empty kubeconfig, so nothing can reach one by accident."""
+    env = {**os.environ, "KUBECONFIG": os.devnull, "HELM_CACHE_HOME": str(cache_dir() / "helm-cache"),
+           "HELM_CONFIG_HOME": str(cache_dir() / "helm-config"), "HELM_DATA_HOME": str(cache_dir() / "helm-data")}
+    proc = subprocess.run([str(binary(name)), *args], capture_output=True, text=True, env=env, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
+    return proc
+
+
+def helm_values_args(values: dict | None) -> list[str]:
+    """A values dict as `--values FILE` (written beside the cached binaries, one file per content)."""
+    if not values:
+        return []
+    import hashlib
+    import json
+
+    text = json.dumps(values, sort_keys=True)
+    path = cache_dir() / "values" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(text)  # JSON is YAML
+    return ["--values", str(path)]
+
+
+def helm_template(values: dict | None = None, *, namespace: str = "finetune-system", crds: bool = False) -> list[dict]:
+    """The chart rendered by the real helm: every object, in order."""
+    import yaml
+
+    args = ["template", "ft", str(CHART), "--namespace", namespace, *helm_values_args(values)]
+    if crds:
+        args.append("--include-crds")
+    out = run_tool("helm", *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def kube_schema_errors(obj: dict) -> list[str]:
+    """Strict validation against the Kubernetes OpenAPI schemas bundled in kubernetes-validate
+    (offline); unknown fields are errors. Raises SchemaNotFoundError for custom kinds."""
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        path = ".".join(str(p) for p in err.path)
+        return [f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}: {path}: {err.message}"]
+    return []
+
+
+def openapi_to_jsonschema(node: dict) -> dict:
+    """A CRD's OpenAPI v3 (Kubernetes flavour) schema as JSON Schema draft 4 for `jsonschema`:
+    x-kubernetes-* and defaults dropped, `nullable` as a null type."""
+    out = {k: v for k, v in node.items() if not k.startswith("x-kubernetes-") and k not in ("nullable", "default")}
+    if "properties" in out:
+        out["properties"] = {k: openapi_to_jsonschema(v) for k, v in out["properties"].items()}
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(out.get(key), dict):
+            out[key] = openapi_to_jsonschema(out[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in out:
+            out[key] = [openapi_to_jsonschema(s) for s in out[key]]
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def crd_schema_errors(obj: dict, crd_path: Path | None = None) -> list[str]:
+    """A FineTuneJob against the committed CRD's openAPIV3Schema (types, enums, bounds, unknown
+    keys: the structural schema lists every field, so additionalProperties is closed here)."""
+    import jsonschema
+    import yaml
+
+    crd = yaml.safe_load((crd_path or REPO / "crds" / "finetunejobs.finetune.dev.yaml").read_text())
+    openapi = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    _close_objects(openapi)
+    schema = openapi_to_jsonschema(openapi)
+    validator = jsonschema.Draft4Validator(schema)
+    return sorted(".".join(map(str, e.absolute_path)) + ": " + e.message for e in validator.iter_errors(obj))
+
+
+def _close_objects(node: dict, top: bool = True) -> None:
+    """Unknown keys under spec are pruned by a structural schema and reported by kubectl's
+    strict field validation; here they are errors. metadata stays open (ObjectMeta)."""
+    if not isinstance(node, dict):
+        return
+    props = node.get("properties")
+    open_ = "additionalProperties" in node or node.get("x-kubernetes-preserve-unknown-fields")
+    if isinstance(props, dict) and not open_ and not top:
+        node["additionalProperties"] = False
+    for key, sub in (props or {}).items():
+        if not (top and key == "metadata"):
+            _close_objects(sub, top=False)
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            _close_objects(node[key], top=False)
+    for key in ("anyOf", "allOf", "oneOf"):
+        for sub in node.get(key) or []:
+            _close_objects(sub, top=False)
