@@ -163,9 +163,9 @@ def upload_checkpoint(
     local_dir = Path(local_dir)
     rel_paths = sorted(files) if files is not None else local_files(local_dir)
     prefix = checkpoint_prefix(step)
-    if node_rank == 0:
-        # re-saving a step (resume, preemption): it stops being complete before any file changes
-        store.delete([join_key(prefix, MANIFEST)])
+    # re-saving a step (resume, preemption): it stops being complete before any file changes;
+    # every node does this, whoever starts first, and only node 0 writes the manifest again
+    store.delete([join_key(prefix, MANIFEST)])
     entries = _upload_files(store, local_dir, step, rel_paths)
     if num_nodes > 1:
         part = {"node_rank": node_rank, "attempt": attempt, "files": [asdict(e) for e in entries]}

@@ -77,6 +77,7 @@ class BackgroundUploader:
         self._degraded = False
         self._last_error: str | None = None
         self._last_step: int | None = None
+        self._newest: int | None = None  # newest step submitted: an older one never overwrites it
         self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
         self._thread.start()
 
@@ -85,9 +86,10 @@ class BackgroundUploader:
     def submit(self, local_dir: str | os.PathLike, step: int, epoch: float | None = None) -> None:
         """Queue a saved checkpoint folder; returns at once."""
         with self._cond:
-            if self._pending is not None and self._pending.step > step:
-                log.warning("checkpoint-%d submitted after checkpoint-%d; ignored", step, self._pending.step)
+            if self._newest is not None and step < self._newest:
+                log.warning("checkpoint-%d submitted after checkpoint-%d; ignored", step, self._newest)
                 return
+            self._newest = step
             if self._pending is not None and self._pending.step != step:
                 log.info("checkpoint-%d superseded by checkpoint-%d before its upload began", self._pending.step, step)
             self._pending = UploadJob(Path(local_dir), step, epoch)
