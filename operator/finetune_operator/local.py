@@ -1,0 +1,277 @@
+"""`finetune run`: the PyTorchJob that render() makes, run as processes on this machine.
+
+Each replica (Master, then Workers) becomes one process with the container's command and
+environment plus what the Kubeflow training operator would inject (MASTER_ADDR=127.0.0.1,
+a free MASTER_PORT, WORLD_SIZE, RANK and torchrun's PET_* variables), so a laptop runs the
+cluster's code path: same config file, same launcher, same rendezvous.
+
+What differs from a pod, and why:
+- the config is the ConfigMap's, written to <run dir>/<replica>/config.yaml, with the
+  output directory in that replica's folder (pods each have their own /workspace);
+- storage is file://<run dir>/storage when neither the spec nor a flag names one;
+- `finetune` / `torchrun --no-python finetune` become `sys.executable -m ...`, so the run
+  uses this interpreter whatever PATH says;
+- Secrets do not exist here: a variable the pod reads from a Secret is inherited from this
+  shell when set (HF_TOKEN, AWS_*), else left out; HF_HOME stays this machine's cache;
+- there is no API server: progress is printed, not patched into a status.
+
+Ctrl-C or SIGTERM is forwarded to every replica as SIGTERM (the trainer saves a checkpoint
+on it); a second one kills them. The first replica to fail stops the others; the run exits
+with that replica's code, else with the Master's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from finetune_trainer.config.loader import parse_yaml
+
+from . import contract as c
+from .render import RenderSettings, render
+from .spec import StorageSpec
+
+TRAINER_MODULE = "finetune_trainer.cli"
+# Pod-only variables that mean nothing (or the wrong thing) on this machine.
+POD_ONLY_ENV = {c.ENV_HF_HOME, c.ENV_STATUS_URL, c.ENV_STATUS_TOKEN_FILE, c.ENV_STATUS_CA_FILE}
+
+
+@dataclass
+class LocalReplica:
+    """One process of a local run: a PyTorchJob replica with the env a pod would have."""
+
+    name: str  # master-0, worker-0, worker-1, ...
+    rank: int  # the pod's index: Master 0, Worker i -> i + 1 (the training operator's RANK)
+    argv: list[str]
+    env: dict[str, str]
+    config_path: Path
+
+
+@dataclass
+class LocalPlan:
+    replicas: list[LocalReplica]
+    run_dir: Path
+    storage_uri: str
+    grace_seconds: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_settings(job: dict[str, Any], run_dir: Path, settings: RenderSettings) -> RenderSettings:
+    """The operator's settings for this machine: no status API, storage under the run dir."""
+    storage = settings.default_storage or StorageSpec(uri=f"file://{run_dir.resolve()}/storage")
+    return RenderSettings(
+        trainer_image=settings.trainer_image,
+        default_storage=storage,
+        forbid_trust_remote_code=settings.forbid_trust_remote_code,
+        status_api_url=None,
+    )
+
+
+def plan(
+    job: dict[str, Any],
+    settings: RenderSettings,
+    run_dir: Path,
+    *,
+    base_env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+    master_port: int | None = None,
+) -> LocalPlan:
+    """Render the job and turn its PyTorchJob into local processes (writes the configs)."""
+    base_env = dict(os.environ if base_env is None else base_env)
+    manifests = {m["kind"]: m for m in render(job, local_settings(job, run_dir, settings))}
+    pytorch_job, config_map = manifests["PyTorchJob"], manifests["ConfigMap"]
+    replica_specs = pytorch_job["spec"]["pytorchReplicaSpecs"]
+    nproc = int(pytorch_job["spec"]["nprocPerNode"])
+    workers = replica_specs.get("Worker", {}).get("replicas", 0)
+    nodes = 1 + workers
+    port = master_port or free_port()
+    config = parse_yaml(config_map["data"][c.CONFIG_FILE])
+    _absolute_deepspeed_path(config, base_dir or Path.cwd())
+
+    replicas = []
+    for rank in range(nodes):
+        replica_type = "Master" if rank == 0 else "Worker"
+        name = "master-0" if rank == 0 else f"worker-{rank - 1}"
+        folder = run_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        config["output"]["output_dir"] = str((folder / "output").resolve())
+        config_path = (folder / c.CONFIG_FILE).resolve()
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        container = replica_specs[replica_type]["template"]["spec"]["containers"][0]
+        env = {
+            **base_env,
+            **pod_env(container["env"], base_env, config_path),
+            **training_operator_env(rank=rank, nodes=nodes, nproc=nproc, port=port),
+        }
+        replicas.append(LocalReplica(name, rank, local_command(container["command"], config_path), env, config_path))
+    storage = config["output"]["storage_uri"]
+    grace = job["spec"].get("termination_grace_period_seconds") or 300
+    return LocalPlan(replicas, run_dir, storage, grace)
+
+
+def _absolute_deepspeed_path(config: dict[str, Any], base_dir: Path) -> None:
+    """A DeepSpeed file named relative to the manifest stays found from the run dir."""
+    ds = config["distributed"].get("deepspeed_config")
+    if isinstance(ds, str) and not Path(ds).expanduser().is_absolute():
+        config["distributed"]["deepspeed_config"] = str((base_dir / ds).resolve())
+
+
+def pod_env(entries: list[dict[str, Any]], base_env: Mapping[str, str], config_path: Path) -> dict[str, str]:
+    """The container's env on this machine: values as given, Secret references from this
+    shell (when set), the config path pointing at the local file."""
+    out = {}
+    for entry in entries:
+        name = entry["name"]
+        if name in POD_ONLY_ENV:
+            continue
+        if "value" in entry:
+            out[name] = entry["value"]
+        elif name in base_env:  # valueFrom: a Secret in the cluster, this shell's variable here
+            out[name] = base_env[name]
+    out[c.ENV_CONFIG] = str(config_path)
+    return out
+
+
+def training_operator_env(*, rank: int, nodes: int, nproc: int, port: int) -> dict[str, str]:
+    """What the Kubeflow training operator injects into each replica's `pytorch` container."""
+    return {
+        c.ENV_MASTER_ADDR: "127.0.0.1",
+        c.ENV_MASTER_PORT: str(port),
+        c.ENV_WORLD_SIZE: str(nodes * nproc),
+        c.ENV_RANK: str(rank),
+        c.ENV_PET_NNODES: str(nodes),
+        c.ENV_PET_NPROC_PER_NODE: str(nproc),
+        c.ENV_PET_NODE_RANK: str(rank),
+        c.ENV_PET_MASTER_ADDR: "127.0.0.1",
+        c.ENV_PET_MASTER_PORT: str(port),
+        c.ENV_PYTHONUNBUFFERED: "1",
+    }
+
+
+def local_command(command: list[str], config_path: Path) -> list[str]:
+    """The container's command for this interpreter (torchrun and finetune as `-m` modules)."""
+    args = [str(config_path) if a == c.CONFIG_PATH else a for a in command]
+    torchrun = list(c.TORCHRUN_COMMAND[:3])  # torchrun --no-python finetune
+    if args[:3] == torchrun:
+        return [sys.executable, "-m", "torch.distributed.run", "-m", TRAINER_MODULE, *args[3:]]
+    if args[0] == "finetune":
+        return [sys.executable, "-m", TRAINER_MODULE, *args[1:]]
+    return args
+
+
+# ------------------------------------------------------------------------------- execution
+
+
+def exit_code(returncode: int) -> int:
+    """A shell's view: killed by signal N -> 128 + N (what the training operator sees too)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _pump(name: str, stream: TextIO, out: TextIO, lock: threading.Lock) -> None:
+    for line in stream:
+        with lock:
+            out.write(f"[{name}] {line}" if line.endswith("\n") else f"[{name}] {line}\n")
+            out.flush()
+
+
+def execute(replicas: list[LocalReplica], *, grace_seconds: float = 300, out: TextIO | None = None,
+            cwd: Path | None = None) -> int:
+    """Run the replicas together; return the first failure's exit code, else the Master's.
+
+    Each child gets its own session, so a terminal's Ctrl-C reaches them only through us
+    (as SIGTERM, once). Must run in the main thread (it installs signal handlers)."""
+    out = out or sys.stdout
+    lock = threading.Lock()
+    procs: dict[str, subprocess.Popen] = {}
+    pumps = []
+    for replica in replicas:  # Master first: it hosts the rendezvous
+        proc = subprocess.Popen(
+            replica.argv, env=replica.env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
+        )
+        procs[replica.name] = proc
+        pump = threading.Thread(target=_pump, args=(replica.name, proc.stdout, out, lock), daemon=True)
+        pump.start()
+        pumps.append(pump)
+
+    state = {"deadline": None, "signals": 0}
+
+    def stop(reason: str) -> None:
+        if state["deadline"] is None:
+            with lock:
+                out.write(f"[finetune run] {reason}: sending SIGTERM to every replica (they save, then exit)\n")
+                out.flush()
+            state["deadline"] = time.monotonic() + grace_seconds
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        state["signals"] += 1
+        if state["signals"] > 1:
+            state["deadline"] = 0.0  # a second Ctrl-C: no more waiting
+        stop(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    codes: dict[str, int] = {}
+    first_failure: tuple[str, int] | None = None
+    try:
+        while len(codes) < len(procs):
+            for name, proc in procs.items():
+                if name not in codes and proc.poll() is not None:
+                    codes[name] = exit_code(proc.returncode)
+                    if codes[name] != 0 and first_failure is None:
+                        first_failure = (name, codes[name])
+                        stop(f"{name} exited with {codes[name]}")
+            if state["deadline"] is not None and time.monotonic() > state["deadline"]:
+                for proc in procs.values():
+                    if proc.poll() is None:
+                        proc.kill()
+            time.sleep(0.05)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for pump in pumps:
+        pump.join(timeout=5)
+    with lock:
+        summary = ", ".join(f"{r.name} exited {codes[r.name]}" for r in replicas)
+        out.write(f"[finetune run] {summary}\n")
+        out.flush()
+    return first_failure[1] if first_failure else codes[replicas[0].name]
+
+
+def run_local(job: dict[str, Any], args: Any) -> int:
+    """`finetune run -f finetune.yaml`: plan, then execute; the run dir is kept for inspection."""
+    if getattr(args, "nproc_per_node", None):
+        job["spec"]["gpus_per_node"] = args.nproc_per_node  # processes per replica (no GPUs needed)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="finetune-run-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    the_plan = plan(job, RenderSettings.from_args(args), run_dir, base_dir=Path(args.config).resolve().parent)
+    names = ", ".join(r.name for r in the_plan.replicas)
+    print(f"[finetune run] {len(the_plan.replicas)} replica(s) ({names}) in {run_dir}; storage {the_plan.storage_uri}",
+          flush=True)
+    code = execute(the_plan.replicas, grace_seconds=the_plan.grace_seconds)
+    print(f"[finetune run] {'succeeded' if code == 0 else f'failed (exit {code})'}; results under {the_plan.storage_uri}",
+          flush=True)
+    return code
