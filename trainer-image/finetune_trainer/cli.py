@@ -130,4 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m finetune_trainer.cli` (local runs, torchrun -m): run the importable module,
+    # the one extension commands (train, run, ...) register on; this file is `__main__` here.
+    from finetune_trainer.cli import main as _main
+
+    sys.exit(_main())
