@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .stores import ObjectInfo, ObjectNotFound, ObjectStore, StorageError, StorageUnavailable, join_key
+from .stores import ObjectNotFound, ObjectStore, StorageError, StorageUnavailable, join_key
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import Manifest, apply_retention, upload_checkpoint
+from .checkpoints import Manifest, apply_retention, checkpoint_prefix, upload_checkpoint
 from .stores import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class BackgroundUploader:
                 degraded=self._degraded,
                 last_error=self._last_error,
                 last_uploaded_step=self._last_step,
-                last_uploaded_uri=self.store.uri_for(f"checkpoints/checkpoint-{self._last_step}")
+                last_uploaded_uri=self.store.uri_for(checkpoint_prefix(self._last_step))
                 if self._last_step is not None
                 else None,
                 uploading_step=self._current.step if self._current else None,
@@ -171,7 +171,10 @@ class BackgroundUploader:
             self._last_step = job.step
         if manifest is not None:  # node 0: the checkpoint is complete
             if self.on_uploaded:
-                self.on_uploaded(manifest)
+                try:
+                    self.on_uploaded(manifest)
+                except Exception:  # a progress hook must never stop the uploads
+                    log.exception("on_uploaded hook failed for checkpoint-%d", job.step)
             try:
                 apply_retention(self.store, self.save_total_limit)
             except Exception as exc:  # a leftover costs space, not correctness; next upload retries
