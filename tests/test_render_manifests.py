@@ -364,3 +364,18 @@ def test_finetune_render_reports_every_error(tmp_path, capsys):
     assert main(["render", "-f", str(path)]) == 1
     err = capsys.readouterr().err
     assert "spec.training.epochs" in err and "spec.env[0].name: RANK is reserved" in err  # all at once
+
+
+def test_operator_modules_import_nothing_heavy():
+    """Layering: render/crd/local/commands never pull in kopf, torch or transformers, so
+    `finetune validate` and `finetune render` stay fast and the operator image stays slim."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, finetune_trainer.cli as cli; cli.build_parser();"
+        "import finetune_operator.render, finetune_operator.crd, finetune_operator.local, finetune_operator.contract;"
+        "print(sorted(m for m in ('kopf', 'torch', 'transformers', 'kubernetes') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
