@@ -130,17 +130,3 @@ def test_prompt_is_what_precedes_the_first_learned_token():
     assert prompt_ids(row) == [1, 2, 3]
     assert prompt_ids({"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}) == [1, 2]  # train_on_inputs
 
-
-def test_quantized_models_load_on_their_own_gpu_only_under_cuda():
-    from finetune_trainer.config import FineTuneConfig
-    from finetune_trainer.train import device_map
-
-    qlora = FineTuneConfig.model_validate({"model": {"base_model": "m"}, "fine_tuning": {"method": "qlora"}})
-    lora = FineTuneConfig.model_validate({"model": {"base_model": "m"}})
-    assert device_map(qlora, cuda=True, local_rank=3) == {"": 3}
-    assert device_map(qlora, cuda=False, local_rank=3) is None
-    assert device_map(lora, cuda=True, local_rank=3) is None
-    zero = FineTuneConfig.model_validate(
-        {"model": {"base_model": "m"}, "fine_tuning": {"method": "qlora"}, "distributed": {"use_deepspeed": True, "zero_stage": 2}}
-    )
-    assert device_map(zero, cuda=True, local_rank=1) is None

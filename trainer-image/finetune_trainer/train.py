@@ -97,11 +97,7 @@ def train(
 
     # prepare_model loads the base model and applies full/lora/qlora/spectrum; the main
     # process alone writes the Spectrum selection.
-    method = prepare_model(
-        cfg,
-        output_dir=out if main else None,
-        device_map=device_map(cfg, cuda=torch.cuda.is_available(), local_rank=int(os.environ.get("LOCAL_RANK", "0"))),
-    )
+    method = prepare_model(cfg, output_dir=out if main else None)
     if main:
         log.info(method.description)
 
@@ -201,16 +197,6 @@ def setup_logging() -> None:
     if not logging.getLogger().handlers:
         level = logging.INFO if is_main_process() else logging.WARNING
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def device_map(cfg: FineTuneConfig, *, cuda: bool, local_rank: int) -> dict[str, int] | None:
-    """Where a quantized model loads: bitsandbytes places weights at load time, so under
-    torchrun each process must load onto its own GPU. Otherwise None: the Trainer (or
-    DeepSpeed, which must own placement) moves the model."""
-    quantized = cfg.model.load_in_4bit or cfg.model.load_in_8bit
-    if cuda and quantized and not cfg.distributed.use_deepspeed:
-        return {"": local_rank}
-    return None
 
 
 def seed_config(cfg: FineTuneConfig, *, base_dir: Path) -> FineTuneConfig:
