@@ -210,6 +210,22 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
 
 
+def no_cpu_inference_repacking(model: PreTrainedModel) -> int:
+    """Stop bitsandbytes (0.50) from repacking 4-bit weights for AVX512-BF16 inference on CPU.
+
+    Its Linear4bit does that on the first eval-mode, no-grad forward (an evaluation before or
+    during training), and from then on computes with `gemv_4bit`, which has no autograd
+    kernel: gradients flowing back through frozen 4-bit layers become silently wrong (seen
+    here: up to 100% off). Training must not depend on whether evaluation ran first. Returns
+    how many modules were changed; the flag only matters for inputs on CPU."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 def load_model(
     cfg: FineTuneConfig,
     *,
@@ -256,6 +272,8 @@ def load_model(
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
+    if cfg.model.load_in_4bit and no_cpu_inference_repacking(model):
+        log.info("model: 4-bit weights keep their training layout on CPU (bitsandbytes' inference repacking is off)")
     apply_liger(model, cfg)
     if cfg.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
