@@ -443,6 +443,10 @@ class EmulatorThread:
         self.call(lambda: self.emulator.hooks.append(hook))
         return left
 
+    def requests(self) -> list[rendering.Request]:
+        """Every request served so far (kmock records them), in order."""
+        return self.call(lambda: list(self.emulator._requests))
+
     def objects(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
         """Live objects of a resource, read on the emulator's loop (for counting twins)."""
 
@@ -525,7 +529,15 @@ class OperatorThread:
 
     def stop(self) -> None:
         self.stop_flag.set()
-        self._thread.join(30)
+        self.join()
+
+    def kill(self) -> None:
+        """Stop now, mid-request: kopf stops watching and handling at once; a handler blocked on
+        the API (it runs in a thread) ends when its request does, and nothing follows it."""
+        self.stop_flag.set()
+
+    def join(self, timeout: float = 30) -> None:
+        self._thread.join(timeout)
         assert not self._thread.is_alive(), "the operator did not stop"
 
     @property

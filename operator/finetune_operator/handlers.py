@@ -222,7 +222,7 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.probe(id="reconciles")
 def reconciles(memo: kopf.Memo, **_: Any) -> int:
     """Liveness detail: reconciles done since start (kopf answers the endpoint itself)."""
-    return int(getattr(memo, "reconciles", 0))
+    return int(memo.stats["reconciles"]) if "stats" in memo else 0
 
 
 @kopf.on.resume(*FINETUNEJOBS)
@@ -237,7 +237,8 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: loggi
     patch.fns.append(status_writer(outcome, spec_suspend, when))
     expected = derive(job, outcome.acceptance, spec_suspend, (job.get("status") or {}).get("pytorchJob") or outcome.pytorchjob, when)
     announce(job, owner_events(job.get("status"), expected, outcome.acceptance))
-    memo.reconciles = getattr(memo, "reconciles", 0) + 1
+    if "stats" in memo:
+        memo.stats["reconciles"] += 1
     logger.info(f"{outcome.acceptance.reason}: " + ", ".join(f"{k} {n} {a}" for k, n, a in outcome.applied))
 
 

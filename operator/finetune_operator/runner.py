@@ -7,6 +7,7 @@ the benchmark start the very same operator in a thread with `operator_kwargs(...
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import logging
 from typing import Any
@@ -57,8 +58,10 @@ def operator_settings(*, peering: str | None, standalone: bool, workers: int = W
 
 
 def make_memo(kube: Kube, render_settings: RenderSettings, *, retry_delay: float = RETRY_DELAY) -> kopf.Memo:
-    """What every handler gets as `memo`: the API client, the render settings, counters."""
-    return kopf.Memo(kube=kube, render_settings=render_settings, retry_delay=retry_delay, reconciles=0)
+    """What every handler gets as `memo` (kopf gives each object a shallow copy, so the
+    counters live in a shared dict): the API client, the render settings, counters."""
+    return kopf.Memo(kube=kube, render_settings=render_settings, retry_delay=retry_delay,
+                     stats=collections.Counter())
 
 
 def operator_kwargs(
