@@ -137,7 +137,7 @@ def _combinations(**choices) -> list[dict]:
     names = list(choices)
     out = []
     for values in itertools.product(*(choices[n] for n in names)):
-        out.append({n: v for n, v in zip(names, values) if v is not ABSENT})
+        out.append({n: v for n, v in zip(names, values, strict=True) if v is not ABSENT})
     return out
 
 

@@ -69,7 +69,7 @@ def test_topology(nodes, gpus, workers, nproc, command, limits):
     assert replicas["Master"]["replicas"] == 1
     assert replicas.get("Worker", {}).get("replicas") == workers
     assert pj["nprocPerNode"] == nproc
-    for name, replica in replicas.items():
+    for replica in replicas.values():
         assert replica["restartPolicy"] == "ExitCode"
         container = replica["template"]["spec"]["containers"][0]
         assert container["name"] == "pytorch" and container["command"] == command
