@@ -353,12 +353,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
 
 class Gate:
-    """Holds the first write matching `predicate` until released (an operator dies meanwhile)."""
+    """Holds the first write matching `predicate` until released (an operator dies meanwhile).
+    Released, the write either lands (`release()`) or is lost with the dead process's
+    connection (`release(lost=True)`: the server never applies it)."""
 
     def __init__(self, predicate: Callable[[rendering.Request], bool]):
         self.predicate = predicate
         self.hit = threading.Event()
         self.released = threading.Event()
+        self.lost = False
         self.used = False
 
     async def __call__(self, request: rendering.Request) -> None:
@@ -367,8 +370,11 @@ class Gate:
         self.used = True
         self.hit.set()
         await asyncio.get_running_loop().run_in_executor(None, self.released.wait)
+        if self.lost:
+            raise _error(503, "ServiceUnavailable", "the client's connection died with it")
 
-    def release(self) -> None:
+    def release(self, *, lost: bool = False) -> None:
+        self.lost = lost
         self.released.set()
 
 
@@ -384,6 +390,7 @@ class EmulatorThread:
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._extra_servers: list[kmock.Server] = []
         self._thread = threading.Thread(target=self._main, name="kube-emulator", daemon=True)
 
     def _main(self) -> None:
@@ -404,6 +411,8 @@ class EmulatorThread:
                 self.url = str(server.url).rstrip("/")
                 self._ready.set()
                 await self._stop.wait()
+                for extra in reversed(self._extra_servers):  # kmock's DNS interceptors unwind LIFO
+                    await extra.__aexit__(None, None, None)
 
     def __enter__(self) -> EmulatorThread:
         self._thread.start()
@@ -425,6 +434,29 @@ class EmulatorThread:
             return fn()
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(30)
+
+    def add_server(self) -> str:
+        """Another port onto the same API (one per operator process, to tell their writes apart)."""
+
+        async def start() -> str:
+            server = kmock.Server(self.emulator)
+            await server.__aenter__()
+            self._extra_servers.append(server)
+            return str(server.url).rstrip("/")
+
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(start(), self._loop).result(30)
+
+    def sever(self, url: str) -> None:
+        """The process behind `url` is dead: writes it had in flight still arrive, new ones never do."""
+        port = int(url.rsplit(":", 1)[1])
+        cutoff = self.call(lambda: len(self.emulator._requests))
+
+        async def hook(request: rendering.Request) -> None:
+            if request.id >= cutoff and request.url.port == port:
+                raise _error(503, "ServiceUnavailable", "this client is dead")
+
+        self.call(lambda: self.emulator.hooks.append(hook))
 
     def gate(self, predicate: Callable[[rendering.Request], bool]) -> Gate:
         gate = Gate(predicate)

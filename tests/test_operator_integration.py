@@ -217,24 +217,33 @@ def test_progress_from_the_trainer_reporter_lands_in_status(cluster, emulator, o
                                    if r.subresource == "status" and r.method == "PATCH"]
 
 
-def test_operator_killed_mid_reconcile_leaves_no_duplicates(cluster, emulator, tmp_path):
+@pytest.mark.parametrize("in_flight", ["lands", "is lost"])
+def test_operator_killed_mid_reconcile_leaves_no_duplicates(cluster, emulator, tmp_path, in_flight):
+    """Operator 1 dies while creating the PyTorchJob (after the ConfigMap and RBAC); its
+    in-flight create lands later or never; operator 2 resumes. One of each child, at the end."""
+    first_url = emulator.add_server()
     gate = emulator.gate(is_create("pytorchjobs"))  # the first PyTorchJob create hangs
-    first = OperatorThread(emulator.url).start()
+    first = OperatorThread(first_url).start()
     cluster.apply_job("demo", spec(tmp_path))
     assert gate.hit.wait(20), "the operator never got to the PyTorchJob"
-    first.kill()  # dies between creating the RBAC and the PyTorchJob
+    emulator.sever(first_url)  # no write of the dead operator arrives from now on
+    first.kill()
     assert cluster.job("demo").get("status") is None  # it never got to write status
+    assert children(emulator)["rolebindings"] == ["demo-trainer"] and children(emulator)["pytorchjobs"] == []
 
     second = OperatorThread(emulator.url).start()
-    gate.release()  # the dead operator's request lands now, racing the new operator's
     try:
+        if in_flight == "lands":
+            gate.release()  # the dead operator's create arrives now, racing the new operator's
         cluster.wait_condition("demo", "Accepted", "True", reason="Valid")
         wait_for(lambda: cluster.job("demo")["status"].get("pytorchJob"), what="the PyTorchJob in status")
     finally:
+        gate.release(lost=in_flight != "lands")
         second.stop()
         first.join()
     assert children(emulator) == EXPECTED_CHILDREN
     assert len(emulator.objects("pytorchjobs")) == 1
+    assert len([r for r in emulator.requests() if is_create("configmaps")(r)]) == 2  # one each; the 2nd got 409
 
 
 def test_api_hiccups_are_retried(cluster, emulator, tmp_path):
