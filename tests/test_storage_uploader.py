@@ -54,32 +54,17 @@ def test_uploads_in_the_background_and_applies_retention(storage_uri, tmp_path):
         uploader.close()
 
 
-def test_a_newer_checkpoint_supersedes_the_pending_one(storage_uri, tmp_path, caplog):
-    caplog.set_level("INFO", logger="finetune_trainer.storage")
-    store = open_store(storage_uri, retry=FAST)
-    uploader = BackgroundUploader(store)
-    try:
-        uploader.submit(make_checkpoint(tmp_path, 1, size=30 * 1024 * 1024), 1)  # busy for a while
-        uploader.submit(make_checkpoint(tmp_path, 2), 2)
-        uploader.submit(make_checkpoint(tmp_path, 3), 3)
-        uploader.submit(make_checkpoint(tmp_path / "older", 2), 2)  # older than what is pending: ignored
-        assert uploader.wait(120)
-    finally:
-        uploader.close()
-    steps = sorted(list_checkpoints(store))
-    assert 2 not in steps and steps[-1] == 3
-    assert "superseded by checkpoint-3" in caplog.text or steps == [3]  # [3]: 1 was still pending too
-    assert "checkpoint-2 submitted after checkpoint-3; ignored" in caplog.text
-
-
 class WatchedFileStore(FileStore):
-    """A real FileStore that records whether one key was ever written twice at once."""
+    """A real FileStore that records whether one key was ever written twice at once, and
+    holds uploads at a gate so the test decides when an upload in flight may finish."""
 
     def __init__(self, root: Path):
         super().__init__(root)
         self.in_flight: set[str] = set()
         self.overlaps: list[str] = []
         self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
 
     def put_file(self, local, key):
         with self.lock:
@@ -87,10 +72,40 @@ class WatchedFileStore(FileStore):
                 self.overlaps.append(key)
             self.in_flight.add(key)
         try:
+            assert self.gate.wait(60), "the test never opened the gate"
             super().put_file(local, key)
         finally:
             with self.lock:
                 self.in_flight.discard(key)
+
+
+def test_a_newer_checkpoint_supersedes_the_pending_one(tmp_path, caplog):
+    caplog.set_level("INFO", logger="finetune_trainer.storage")
+    store = WatchedFileStore(tmp_path / "store")
+    folders = {step: make_checkpoint(tmp_path / "out", step) for step in (1, 2, 3)}
+    uploader = BackgroundUploader(store)
+    try:
+        store.gate.clear()  # checkpoint-1 stays in flight until the gate opens
+        uploader.submit(folders[1], 1)
+        deadline = time.monotonic() + 30
+        while uploader.status.uploading_step != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        uploader.submit(folders[2], 2)
+        uploader.submit(folders[3], 3)
+        uploader.submit(make_checkpoint(tmp_path / "older", 2), 2)  # older than the newest submitted: ignored
+        status = uploader.status
+        assert (status.uploading_step, status.pending_step) == (1, 3)
+        store.gate.set()
+        assert uploader.wait(60)
+        uploader.submit(make_checkpoint(tmp_path / "late", 2), 2)  # even after 3 is uploaded
+        assert uploader.wait(60)
+    finally:
+        store.gate.set()
+        uploader.close()
+    assert sorted(list_checkpoints(store)) == [1, 3]
+    assert "checkpoint-2 superseded by checkpoint-3" in caplog.text
+    assert "checkpoint-2 submitted after checkpoint-3; ignored" in caplog.text
 
 
 def test_the_same_checkpoint_is_never_uploaded_twice_at_once(tmp_path):
@@ -107,7 +122,9 @@ def test_the_same_checkpoint_is_never_uploaded_twice_at_once(tmp_path):
 
 
 def test_an_outage_degrades_then_the_upload_resumes_and_nothing_is_lost(s3_outage, tmp_path):
-    store = open_store(f"s3://{s3_outage.bucket}/ns/job", retry=FAST)
+    # a few attempts: after the outage, pooled connections that the gate cut may fail once each
+    store = open_store(f"s3://{s3_outage.bucket}/ns/job", retry=RetryPolicy(attempts=4, base_delay=0.05, max_delay=0.2,
+                                                                           botocore_attempts=1, connect_timeout=1))
     uploader = BackgroundUploader(store, save_total_limit=3)
     try:
         uploader.submit(make_checkpoint(tmp_path, 1), 1)
