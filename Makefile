@@ -26,7 +26,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/finetune run -f examples/quickstart.yaml
+	$(BIN)/finetune train --config examples/quickstart.yaml
 
 test: $(STAMP)
 	# pytest exits 5 when it collects nothing; that is not a failure of the code.

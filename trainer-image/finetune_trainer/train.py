@@ -101,6 +101,10 @@ def train(
     if main:
         log.info(method.description)
 
+    # Plug-ins are built before the resume decision, so one may first fetch checkpoints
+    # from object storage into the output directory.
+    extra = [cb for factory in CALLBACK_FACTORIES if (cb := factory(cfg, out)) is not None]
+
     # Resume (after a preemption or a crash) from the newest complete local checkpoint.
     resume = find_resume_checkpoint(out)
     if main:
@@ -121,7 +125,6 @@ def train(
         )
     )
     session = SessionRecorder()
-    extra = [cb for factory in CALLBACK_FACTORIES if (cb := factory(cfg, out)) is not None]
     trainer = Trainer(
         model=method.model,
         args=args,
@@ -176,11 +179,16 @@ def run_command(cfg: FineTuneConfig, *, base_dir: Path, **kwargs: Any) -> int:
         return train(cfg, base_dir=base_dir, **kwargs).exit_code
     except ConfigError as exc:
         for issue in exc.errors:
-            print(f"error: {issue}", file=sys.stderr)
+            print(f"{_error_prefix()}: {issue}", file=sys.stderr)
         return EXIT_PERMANENT
     except (DataError, NonFiniteLossError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_error_prefix()}: {exc}", file=sys.stderr)
         return EXIT_PERMANENT
+
+
+def _error_prefix() -> str:
+    """'error', or 'error (rank N)' when several processes may print the same line."""
+    return f"error (rank {os.environ.get('RANK', '0')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "error"
 
 
 # ----------------------------------------------------------------------- the small parts
