@@ -185,16 +185,36 @@ def test_spectrum_trains_only_the_selected_modules(tmp_path, roomy_tiny_dir, cap
     assert moved & projections and projections - moved  # some projections trained, some frozen
 
 
-def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_model_dir, capsys):
-    cfg = tiny_config(tmp_path, tiny_model_dir)
-    assert run_train(tmp_path, cfg, "--training.max_steps", "4") == 0
-    rc = run_train(tmp_path, cfg)  # max_steps 8: picks up checkpoint-4
-    assert rc == 0, capsys.readouterr().err
+def test_a_plugin_stops_with_its_exit_code_and_the_next_run_resumes(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """The preemption path: a plug-in (through train.CALLBACK_FACTORIES) saves and stops at
+    step 4 and asks for exit 143; the retried run resumes from checkpoint-4."""
+    from transformers import TrainerCallback
+
+    from finetune_trainer import train
+
+    class StopAt4(TrainerCallback):
+        exit_code = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                control.should_save = control.should_training_stop = True
+                self.exit_code = 143
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, output={"save_steps": 100})
+    monkeypatch.setattr(train, "CALLBACK_FACTORIES", [lambda cfg, out: StopAt4()])
+    assert run_train(tmp_path, cfg) == 143
     out = tmp_path / "out"
+    assert (out / "checkpoint-4").is_dir()
+    assert not (out / "train_results.json").exists() and not (out / "adapter_model.safetensors").exists()
+
+    monkeypatch.setattr(train, "CALLBACK_FACTORIES", [])
+    rc = run_train(tmp_path, cfg)
+    assert rc == 0, capsys.readouterr().err
     results = json.loads((out / "train_results.json").read_text())
     assert results["resumed_from"] == str(out / "checkpoint-4") and results["global_step"] == 8
+    assert results["train_tokens"] > 0 and results["eval_before"] is not None  # evaluated at step 4
     steps = [r["step"] for r in metrics(out) if r["loss"] is not None]
-    assert steps == sorted(set(steps)) and steps[-1] == 8  # no step logged twice
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == 8  # no step logged twice
 
 
 def test_diverging_loss_stops_with_exit_1(tmp_path, tiny_model_dir, capsys):

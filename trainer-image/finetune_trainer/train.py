@@ -49,6 +49,9 @@ SAMPLE_NEW_TOKENS = 40
 
 # Other stages plug in here without editing this file (checkpoint upload, operator status):
 # a factory gets the config and the output directory and returns a TrainerCallback or None.
+# A plug-in that stops training on purpose (SIGTERM: checkpoint saved, exit 143 so the
+# restart policy retries) sets an `exit_code` attribute that is not None; the run then
+# ends with that code, without the final evaluation and save.
 CallbackFactory = Callable[[FineTuneConfig, Path], Any]
 CALLBACK_FACTORIES: list[CallbackFactory] = []
 
@@ -98,6 +101,7 @@ def train(
     # prepare_model loads the base model and applies full/lora/qlora/spectrum; the main
     # process alone writes the Spectrum selection.
     method = prepare_model(cfg, output_dir=out if main else None)
+    forget_gguf_origin(method.model)
     if main:
         log.info(method.description)
 
@@ -143,6 +147,11 @@ def train(
 
     # With an eval set, TrainingArguments(eval_on_start=True) gives the loss before training.
     outcome = trainer.train(resume_from_checkpoint=resume)
+    stopped = early_exit_code([*extra, *callbacks])
+    if stopped is not None:  # e.g. preempted: the checkpoint is saved, the run is not finished
+        log.warning("training stopped at step %d; exiting %d", trainer.state.global_step, stopped)
+        _end(trainer)
+        return RunResult(stopped, out)
     after = final_evaluation(trainer, session) if data.eval is not None else None
 
     trainer.save_model(str(out))  # adapter or full weights, and the tokenizer; all ranks (ZeRO-3)
@@ -166,10 +175,14 @@ def train(
     answer = sample_answer(trainer, tokenizer, data.eval) if data.eval is not None else None
     if trainer.is_world_process_zero():
         print(report(results, answer, out), flush=True)
+    _end(trainer)
+    return RunResult(EXIT_OK, out, results)
+
+
+def _end(trainer) -> None:
     end = getattr(trainer, "end", None)
     if callable(end):
         end()  # destroys the process group once no collective is left
-    return RunResult(EXIT_OK, out, results)
 
 
 def run_command(cfg: FineTuneConfig, *, base_dir: Path, **kwargs: Any) -> int:
@@ -207,6 +220,18 @@ def setup_logging() -> None:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def forget_gguf_origin(model: Any) -> None:
+    """A model read from a .gguf file holds plain dequantized tensors but keeps a "gguf"
+    quantizer tag, and with it the Trainer refuses to train it and save_pretrained to save
+    it. Drop the tag (the built-in model is already converted and has none)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(base, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)).lower() == "gguf":
+        quantizer.remove_quantization_config(base)
+        log.info("model: GGUF weights were dequantized on load; training and saving them as plain tensors")
+
+
 def seed_config(cfg: FineTuneConfig, *, base_dir: Path) -> FineTuneConfig:
     """The seed sections of a config or a FineTuneJob spec, self-contained: a DeepSpeed file
     path becomes absolute, so the saved config.yaml validates from the output directory."""
@@ -241,6 +266,12 @@ def prepare_metrics_file(path: Path, *, resume_step: int | None) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def early_exit_code(callbacks: Sequence[Any]) -> int | None:
+    """The exit code a plug-in asked for by stopping training early, if any."""
+    codes = [code for cb in callbacks if (code := getattr(cb, "exit_code", None)) is not None]
+    return codes[0] if codes else None
 
 
 def final_evaluation(trainer, session: SessionRecorder) -> dict[str, float]:
