@@ -238,3 +238,26 @@ def test_missing_data_exits_1_naming_the_file(tmp_path, tiny_model_dir, capsys):
     err = capsys.readouterr().err
     assert rc == 1
     assert "dataset.train_path" in err and "nope.jsonl" in err
+
+
+def test_missing_deepspeed_file_exits_1(tmp_path, tiny_model_dir, capsys):
+    cfg = tiny_config(tmp_path, tiny_model_dir, distributed={"use_deepspeed": True, "deepspeed_config": "ds/none.json"})
+    assert run_train(tmp_path, cfg) == 1
+    assert "distributed.deepspeed_config: file 'ds/none.json' not found" in capsys.readouterr().err
+
+
+def test_progress_reporters_get_steps_and_eta(tmp_path, tiny_model_dir):
+    """The hook the operator's status updates use: a callable per log, on the main process."""
+    from finetune_trainer.train import train
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, training={"max_steps": 4}, evaluation={"do_eval": False})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    updates = []
+    result = train(load_config(path, mode="train").config, base_dir=tmp_path, reporters=[updates.append])
+    assert result.exit_code == 0
+    steps = [u for u in updates if u["loss"] is not None]
+    assert [u["step"] for u in steps] == [1, 2, 3, 4] and all(u["total_steps"] == 4 for u in updates)
+    assert steps[0]["eta_seconds"] > 0 and steps[-1]["eta_seconds"] == 0
+    assert all(u["tokens_per_second"] > 0 for u in steps[1:])
+    assert [u["eval_loss"] is not None for u in updates].count(True) == 2  # before and after (do_eval off)
