@@ -198,3 +198,13 @@ def test_inline_deepspeed_mapping_gets_zero_stage_when_it_has_none(tmp_path):
     got = deepspeed_config(cfg, base_dir=tmp_path)
     assert got["zero_optimization"] == {"stage": 1}
     assert "zero_optimization" not in cfg.distributed.deepspeed_config  # the config is not mutated
+
+
+@pytest.mark.parametrize("key,value", [("training.mixed_precision", "no"), ("evaluation.eval_strategy", "no")])
+def test_command_line_no_is_the_word_not_yaml_false(key, value):
+    """`finetune train ... --training.mixed_precision no` must mean "no" (YAML 1.1 reads false)."""
+    from finetune_trainer.config import apply_overrides, parse_overrides
+
+    data = apply_overrides({"model": {"base_model": "m"}}, parse_overrides([f"--{key}", value]))
+    section, name = key.split(".")
+    assert getattr(getattr(FineTuneConfig.model_validate(data), section), name) == "no"

@@ -151,11 +151,14 @@ def _typed(raw: str, model: type[BaseModel], name: str) -> Any:
 
 
 def _text_only(annotation: Any) -> bool:
-    """str or str | None (after unwrapping Annotated), nothing else."""
+    """str, a Literal of strings, or either | None (after unwrapping Annotated), nothing else.
+    (A Literal of strings: `--training.mixed_precision no` means "no", not YAML's false.)"""
     import typing
 
     if typing.get_origin(annotation) is typing.Annotated:
         return _text_only(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) is typing.Literal:
+        return all(isinstance(a, str) for a in typing.get_args(annotation))
     if annotation is str:
         return True
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
