@@ -126,12 +126,30 @@ class KubeEmulator(kmock.KubernetesEmulator):
     hooks: list[Hook] = attrs.field(factory=list)  # awaited before a write (gates, injected faults)
     _counter: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
     _rv: int = attrs.field(default=0, init=False)
+    _with_status: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
+    _direct: dict[enums.action, Any] = attrs.field(factory=dict, init=False)
     writes: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        # kmock finds a request's reaction by filtering every request it ever recorded, so each
+        # request costs O(requests so far). The Kubernetes verbs go straight to their reactions.
+        self._direct = {
+            action: self.fallback[action] << serve
+            for action, serve in [
+                (enums.action.LIST, self._serve_list), (enums.action.WATCH, self._serve_watch),
+                (enums.action.FETCH, self._serve_fetch), (enums.action.CREATE, self._serve_create),
+                (enums.action.UPDATE, self._serve_update), (enums.action.DELETE, self._serve_delete),
+            ]
+        }
 
     def declare(self, key: str, kind: str, *, namespaced: bool = True, status: bool = False) -> None:
         self.resources[key] = kmock.ResourceInfo(
             kind=kind, namespaced=namespaced, verbs=VERBS, subresources={"status"} if status else set()
         )
+        if status:
+            res = kmock.resource(key)
+            self._with_status.add((res.group, res.version, res.plural))
 
     def declare_defaults(self) -> None:
         for key, kind, namespaced, status in RESOURCES:
@@ -144,10 +162,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return str(self._rv)
 
     def _has_status(self, resource: kmock.resource) -> bool:
-        for res in self.resources:
-            if res == resource:
-                return "status" in self.resources[res].subresources
-        return False
+        return (resource.group, resource.version, resource.plural) in self._with_status
 
     def _store(self, key: tuple, body: dict[str, Any]) -> None:
         if key in self._objects:
@@ -172,9 +187,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _create(self, request: rendering.Request) -> list[tuple[kmock.resource, dict]]:
         body = copy.deepcopy(request.data) if isinstance(request.data, dict) else {}
         meta = body.setdefault("metadata", {})
-        if not meta.get("name") and meta.get("generateName"):
-            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
-            request.data.setdefault("metadata", {})["name"] = meta["name"]  # kmock's response lookup
+        if not meta.get("name") and meta.get("generateName"):  # the API server retries collisions itself
+            namespace = request.namespace or meta.get("namespace")
+            while self._live((request.resource, namespace, name := meta["generateName"] + uuid.uuid4().hex[:8])):
+                pass
+            meta["name"] = name
+            request.data.setdefault("metadata", {})["name"] = name  # kmock's response lookup
         if not meta.get("name"):
             raise _error(422, "Invalid", "metadata.name: Required value")
         namespace = request.namespace or meta.get("namespace")
@@ -310,8 +328,33 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     raise _error(405, "MethodNotAllowed", "collection writes are not emulated")
                 for resource, event in events:
                     await self._buses[resource].put(event)
-        # Serve the response (the stored object) through kmock's reactions and fallbacks.
-        return await apps.RawHandler._handle(self, request)
+        # Serve the response (the stored object) through kmock's reactions.
+        resource = request.resource
+        direct = self._direct.get(request.action) if resource is not None and resource.plural else None
+        if direct is not None and (request.action != enums.action.DELETE or request.name):
+            return await direct(request)
+        return await apps.RawHandler._handle(self, request)  # discovery and anything unusual
+
+    def _last(self, key: tuple) -> dict[str, Any]:
+        if key not in self._objects:
+            raise _error(404, "NotFound", f'{key[0].plural} "{key[2]}" not found')
+        return self._objects[key].last.raw
+
+    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
+        obj = self._live((request.resource, request.namespace, request.name))
+        if obj is None:
+            raise _error(404, "NotFound", f'{request.resource.plural} "{request.name}" not found')
+        return obj
+
+    async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
+        meta = request.data.get("metadata") or {}
+        return self._last((request.resource, request.namespace or meta.get("namespace"), meta.get("name")))
+
+    async def _serve_update(self, request: rendering.Request) -> rendering.Payload:
+        return self._last((request.resource, request.namespace, request.name))
+
+    async def _serve_delete(self, request: rendering.Request) -> rendering.Payload:
+        return self._last((request.resource, request.namespace, request.name))
 
     def _selected(self, request: rendering.Request, key: tuple, obj: Mapping[str, Any]) -> bool:
         resource, namespace, name = key

@@ -188,8 +188,15 @@ def sync_owner_status(kube: Kube, pytorchjob: Mapping[str, Any], logger: logging
         if owner is None or not any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or []):
             return  # the owner is gone (GC follows) or this is not its child
         status = owner.get("status") or {}
-        acceptance = st.Acceptance.from_conditions(status.get("conditions"), int(owner["metadata"].get("generation") or 1))
-        new = derive(owner, acceptance, (owner.get("spec") or {}).get("suspend") is True, summary, now())
+        if st.find(status.get("conditions"), st.ACCEPTED) is None:
+            # The reconcile that created this child has not written status yet; it will, from
+            # its own read of the child, or from a newer summary recorded here (which it prefers).
+            if st.blank_summary(summary) or status.get("pytorchJob") == summary:
+                return
+            new = {"pytorchJob": summary}
+        else:
+            acceptance = st.Acceptance.from_conditions(status.get("conditions"), int(owner["metadata"].get("generation") or 1))
+            new = derive(owner, acceptance, (owner.get("spec") or {}).get("suspend") is True, summary, now())
         if not st.status_changed(status, new):
             return
         try:
@@ -199,7 +206,7 @@ def sync_owner_status(kube: Kube, pytorchjob: Mapping[str, Any], logger: logging
             if err.status == 422:
                 continue
             raise
-        announce(owner, st.transitions(status.get("conditions"), new["conditions"]))
+        announce(owner, st.transitions(status.get("conditions"), new.get("conditions", [])))
         return
     logger.warning(f"status of {namespace}/{owner_name} kept changing under us; the next event retries")
 

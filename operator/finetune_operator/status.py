@@ -238,6 +238,11 @@ def exit_from_summary(summary: Mapping[str, Any] | None) -> ExitInfo | None:
     return ExitInfo(int(last["exitCode"]), str(last.get("reason") or ""), str(last.get("message") or ""), str(last.get("pod") or ""))
 
 
+def blank_summary(summary: Mapping[str, Any]) -> bool:
+    """A child nobody has reported on yet (just created): nothing beyond what its creator saw."""
+    return not summary.get("conditions") and not summary.get("lastExit") and not summary.get("replicaStatuses")
+
+
 def needs_pods(summary_or_job: Mapping[str, Any]) -> bool:
     """Exit codes live on the pods: read them only when the job failed or is restarting."""
     status = summary_or_job.get("status") if "status" in summary_or_job else summary_or_job

@@ -1,0 +1,169 @@
+"""500 FineTuneJobs applied at once against the API emulator: how fast does each get its PyTorchJob?
+
+    .venv/bin/python benchmarks/operator_scale.py [--jobs 500] [--appliers 8] [--workers 8] [--rate 0]
+
+The emulator (tests/kube_emulator.py, real HTTP) runs in this process and timestamps every
+create as it arrives; the operator (`finetune operator`'s code: kopf, our handlers, the
+official client) runs in a child process, so its peak RSS (VmHWM) is its own. Reported:
+time from the first FineTuneJob to the last PyTorchJob, p50/p99 of each job's
+FineTuneJob-create -> PyTorchJob-create latency, time until every job is Accepted=True in
+status, the operator's peak RSS, and the targets (all within 60 s, p99 < 1 s, RSS < 150 MB).
+
+The emulator shares this machine's cores with the operator and with the appliers, and answers
+from Python; a real API server does neither, so these are pessimistic figures for the
+operator, not a model of a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+TARGET_TOTAL_S, TARGET_P99_S, TARGET_RSS_MB = 60.0, 1.0, 150.0
+
+SPEC = {
+    "model": {"base_model": "builtin:SmolLM2-135M-Instruct", "trust_remote_code": False},
+    "fine_tuning": {"method": "lora"},
+    "training": {"max_steps": 100},
+    "dataset": {"format": "alpaca", "train_path": "s3://data/alpaca.jsonl"},
+    "storage": {"uri": "s3://bench-bucket"},
+}
+
+
+def serve_operator(url: str, workers: int) -> None:
+    """The child process: the real operator against `url` until SIGTERM."""
+    import logging
+
+    import kopf
+    from kube_emulator import api_configuration
+
+    from finetune_operator.kube import Kube
+    from finetune_operator.render import RenderSettings
+    from finetune_operator.runner import operator_kwargs
+
+    logging.basicConfig(level=logging.WARNING)
+    kwargs = operator_kwargs(kube=Kube(api_configuration(url)), render_settings=RenderSettings(), standalone=True,
+                             workers=workers)
+    kopf.run(**kwargs)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the process's peak resident set size, from the kernel."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time the process used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--appliers", type=int, default=8, help="client threads creating the FineTuneJobs")
+    parser.add_argument("--workers", type=int, default=8, help="the operator's handler threads")
+    parser.add_argument("--rate", type=float, default=0.0, help="jobs per second (default 0: all at once)")
+    parser.add_argument("--serve-operator", metavar="URL", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_operator:
+        serve_operator(args.serve_operator, args.workers)
+        return 0
+
+    from kube_emulator import Cluster, EmulatorThread, wait_for
+    from kmock._internal import enums
+
+    arrivals: dict[tuple[str, str], float] = {}  # (plural, name) -> when its create reached the server
+
+    async def stamp(request) -> None:
+        if request.action == enums.action.CREATE and isinstance(request.data, dict):
+            arrivals.setdefault((request.resource.plural, request.data["metadata"].get("name", "")), time.monotonic())
+
+    with EmulatorThread() as emulator:
+        emulator.call(lambda: emulator.emulator.hooks.append(stamp))
+        cluster = Cluster(emulator)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+        child = subprocess.Popen([sys.executable, __file__, "--serve-operator", emulator.url, "--workers", str(args.workers)],
+                                 env=env)
+        try:
+            # The operator is up once it lists FineTuneJobs (then it watches them).
+            wait_for(lambda: any(r.resource is not None and r.resource.plural == "finetunejobs"
+                                 for r in emulator.requests()), timeout=60, what="the operator's first list")
+            rss_idle = peak_rss_mb(child.pid)
+
+            names = [f"job-{i:04d}" for i in range(args.jobs)]
+            start = time.monotonic()
+
+            def apply(index_name: tuple[int, str]) -> None:
+                index, name = index_name
+                if args.rate:  # paced: job i is due at start + i / rate
+                    time.sleep(max(0.0, start + index / args.rate - time.monotonic()))
+                cluster.apply_job(name, SPEC, namespace=f"team-{index % 5}")
+
+            with concurrent.futures.ThreadPoolExecutor(args.appliers) as pool:
+                list(pool.map(apply, enumerate(names)))
+            applied = time.monotonic() - start
+
+            def pytorchjobs_done() -> bool:
+                return all(("pytorchjobs", n) in arrivals for n in names)
+
+            wait_for(pytorchjobs_done, timeout=600, what=f"{args.jobs} PyTorchJobs")
+            all_children = max(arrivals[("pytorchjobs", n)] for n in names) - start
+
+            def all_accepted() -> bool:
+                jobs = emulator.objects("finetunejobs")
+                return len(jobs) == args.jobs and all(
+                    any(c["type"] == "Accepted" and c["status"] == "True" for c in (j.get("status") or {}).get("conditions", []))
+                    for j in jobs)
+
+            wait_for(all_accepted, timeout=600, what="every job Accepted=True")
+            all_status = time.monotonic() - start
+            rss_peak = peak_rss_mb(child.pid)
+            operator_cpu = cpu_seconds(child.pid)
+        finally:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        writes = emulator.emulator.writes
+
+    latencies = [arrivals[("pytorchjobs", n)] - arrivals[("finetunejobs", n)] for n in names]
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+    pace = f"paced at {args.rate:g}/s" if args.rate else "all at once"
+    print(f"FineTuneJobs applied:               {args.jobs} in {applied:.2f} s ({pace}, {args.appliers} client threads)")
+    print(f"all PyTorchJobs created after:      {all_children:.2f} s   target < {TARGET_TOTAL_S:.0f} s   "
+          f"{'PASS' if all_children < TARGET_TOTAL_S else 'FAIL'}")
+    print(f"create -> PyTorchJob latency p50:   {p50 * 1000:.0f} ms")
+    print(f"create -> PyTorchJob latency p99:   {p99 * 1000:.0f} ms   target < {TARGET_P99_S * 1000:.0f} ms   "
+          f"{'PASS' if p99 < TARGET_P99_S else 'FAIL'}")
+    print(f"create -> PyTorchJob latency max:   {max(latencies) * 1000:.0f} ms (mean {statistics.mean(latencies) * 1000:.0f} ms)")
+    print(f"every job Accepted=True after:      {all_status:.2f} s")
+    print(f"operator peak RSS:                  {rss_peak:.0f} MB (idle {rss_idle:.0f} MB)   target < {TARGET_RSS_MB:.0f} MB   "
+          f"{'PASS' if rss_peak < TARGET_RSS_MB else 'FAIL'}")
+    print(f"operator CPU time:                  {operator_cpu:.2f} s (this machine: {os.cpu_count()} cores, "
+          f"shared with the emulator and the clients)")
+    print(f"API writes served by the emulator:  {writes}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
