@@ -72,11 +72,6 @@ def test_two_local_nodes_train_as_one_world(two_node_run):
     assert configs[0]["output"]["output_dir"] != configs[1]["output"]["output_dir"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the trainer does not yet upload to output.storage_uri (no storage callback in finetune_trainer.train); "
-    "strict: this turns into a failure the day it passes, so the marker gets removed",
-)
 def test_checkpoints_and_final_model_land_in_storage(two_node_run):
     code, output, run_dir = two_node_run
     assert code == 0, output[-3000:]
@@ -86,4 +81,13 @@ def test_checkpoints_and_final_model_land_in_storage(two_node_run):
     checkpoints = sorted((storage / "checkpoints").glob("checkpoint-*"))
     assert checkpoints, f"no checkpoints under {storage}: {sorted(p.name for p in storage.rglob('*'))[:20]}"
     assert all(any(c.glob("*manifest*")) for c in checkpoints)  # complete checkpoints carry their manifest
-    assert (storage / "final").is_dir()
+    newest = checkpoints[-1]
+    # Each node's local rank 0 uploaded what its ranks wrote; the manifest holds both.
+    manifest = json.loads((newest / "manifest.json").read_text())
+    names = {f["path"] for f in manifest["files"]}
+    assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt"} <= names
+    assert len(checkpoints) <= 2  # save_total_limit holds in storage too
+    final = storage / "final"
+    assert (final / "manifest.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    assert (final / "config.yaml").is_file() and (final / "train_results.json").is_file()
+    assert (storage / "metrics.jsonl").read_text().strip()

@@ -53,7 +53,13 @@ SAMPLE_NEW_TOKENS = 40
 # restart policy retries) sets an `exit_code` attribute that is not None; the run then
 # ends with that code, without the final evaluation and save.
 CallbackFactory = Callable[[FineTuneConfig, Path], Any]
-CALLBACK_FACTORIES: list[CallbackFactory] = []
+def _storage_plugin(cfg: FineTuneConfig, out: Path) -> Any:
+    from .storage.plugin import storage_plugin
+
+    return storage_plugin(cfg, out)
+
+
+CALLBACK_FACTORIES: list[CallbackFactory] = [_storage_plugin]
 
 
 @dataclass
@@ -105,17 +111,6 @@ def train(
     if main:
         log.info(method.description)
 
-    # Plug-ins are built before the resume decision, so one may first fetch checkpoints
-    # from object storage into the output directory.
-    extra = [cb for factory in CALLBACK_FACTORIES if (cb := factory(cfg, out)) is not None]
-
-    # Resume (after a preemption or a crash) from the newest complete local checkpoint.
-    resume = find_resume_checkpoint(out)
-    if main:
-        prepare_metrics_file(out / METRICS_FILE, resume_step=checkpoint_step(resume) if resume else None)
-        if resume:
-            log.info("resuming from %s", resume)
-
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         **training_arguments(
@@ -128,6 +123,21 @@ def train(
             hub_token=os.environ.get("HF_TOKEN"),
         )
     )
+    _ = args.device  # sets up torch.distributed now: plug-ins agree on the resume point through it
+
+    # Plug-ins (checkpoint storage, status) are built before the resume decision: the storage
+    # one fetches the checkpoint to resume from into the output directory.
+    extra = [cb for factory in CALLBACK_FACTORIES if (cb := factory(cfg, out)) is not None]
+
+    # Resume (after a preemption or a crash) from the newest complete checkpoint: storage's
+    # choice when there is storage, else the newest complete local one.
+    resume = next((r for cb in extra if (finder := getattr(cb, "resume_checkpoint", None)) and (r := finder())), None)
+    resume = resume or find_resume_checkpoint(out)
+    if main:
+        prepare_metrics_file(out / METRICS_FILE, resume_step=checkpoint_step(resume) if resume else None)
+        if resume:
+            log.info("resuming from %s", resume)
+
     session = SessionRecorder()
     trainer = Trainer(
         model=method.model,
@@ -169,6 +179,9 @@ def train(
         from .training.plots import plot_loss
 
         plot_loss(out / METRICS_FILE, out / LOSS_PLOT_FILE)
+    for plugin in extra:
+        if callable(finish := getattr(plugin, "on_run_end", None)):
+            finish(out)  # e.g. metrics.jsonl and final/ to object storage
     if cfg.output.push_to_hub:
         trainer.push_to_hub(commit_message=f"finetune: {cfg.fine_tuning.method} of {cfg.model.base_model}")
 

@@ -1,0 +1,149 @@
+"""The trainer's storage plug-in: resume from, sync checkpoints to, and publish results in
+`output.storage_uri`; save and exit 143 on SIGTERM.
+
+`train.py` builds it through `CALLBACK_FACTORIES` (after torch.distributed is up), asks it
+for the checkpoint to resume from, hands it to the Trainer as a callback, and calls
+`on_run_end` after the final save. Storage problems never fail the training: uploads
+degrade and retry (see uploader.py); only the resume choice must agree across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..config import FineTuneConfig
+from .callback import CheckpointSyncCallback, _distributed
+from .checkpoints import (
+    _read_manifest,
+    download_checkpoint,
+    find_resume_checkpoint,
+    upload_file_artifact,
+)
+from .preemption import PreemptionFlag, install_preemption_handler
+from .stores import ObjectStore, StorageError, open_store
+from .uploader import BackgroundUploader, node_topology
+
+log = logging.getLogger(__name__)
+
+METRICS_KEY = "metrics.jsonl"
+FINAL_KEY = "final"
+# What the final model folder holds: everything the run wrote at the top of output_dir
+# except what has its own place in storage.
+NOT_FINAL = {"metrics.jsonl"}
+
+
+def _rank(name: str) -> int:
+    return int(os.environ.get(name, "0"))
+
+
+class StoragePlugin(CheckpointSyncCallback):
+    """Checkpoint sync + preemption for one run; add on every rank."""
+
+    def __init__(self, store: ObjectStore | None, uploader: BackgroundUploader | None, preemption: PreemptionFlag,
+                 output_dir: Path):
+        super().__init__(uploader, preemption=preemption)
+        self.store = store
+        self.output_dir = output_dir
+        self.stopped_by_signal = False
+
+    # -------------------------------------------------------------- train.py's hooks
+
+    @property
+    def exit_code(self) -> int | None:
+        """128 + signal after a preemption save (retried by `restartPolicy: ExitCode`)."""
+        return self.preemption.exit_code if self.stopped_by_signal else None
+
+    def resume_checkpoint(self) -> str | None:
+        """The checkpoint every rank resumes from: global rank 0 chooses (storage first, then
+        local, verified), every node's local rank 0 makes sure that exact step is on its disk
+        (a node's disk holds only the files its ranks wrote), then all ranks meet."""
+        if self.store is None:
+            return None
+        chosen = None
+        if _rank("RANK") == 0:
+            path = find_resume_checkpoint(self.store, self.output_dir)
+            chosen = int(path.name.rsplit("-", 1)[-1]) if path else None
+        dist = _distributed()
+        if dist is not None:
+            box = [chosen]
+            dist.broadcast_object_list(box, src=0)
+            chosen = box[0]
+        if chosen is None:
+            return None
+        target = self.output_dir / f"checkpoint-{chosen}"
+        if _rank("LOCAL_RANK") == 0 and _rank("RANK") != 0:
+            manifest = _read_manifest(self.store, chosen)
+            if manifest is None:
+                raise StorageError(f"checkpoint-{chosen} chosen by rank 0 has no manifest in {self.store.uri}")
+            if target.exists():
+                shutil.rmtree(target)  # this node's partial copy: the merged one replaces it
+            download_checkpoint(self.store, manifest, target)
+        if dist is not None:
+            dist.barrier()
+        return str(target)
+
+    def progress_fields(self) -> dict[str, Any]:
+        """What the status report shows about storage."""
+        if self.uploader is None:
+            return {}
+        status = self.uploader.status
+        fields: dict[str, Any] = {"checkpointUri": status.last_uploaded_uri, "storageDegraded": status.degraded}
+        if status.degraded and status.last_error:
+            fields["storageError"] = status.last_error[:300]
+        return fields
+
+    def on_run_end(self, output_dir: Path) -> None:
+        """After the final save: `metrics.jsonl` and `final/` to storage (global rank 0)."""
+        if self.uploader is not None:
+            self.uploader.close()
+        if self.store is None or _rank("RANK") != 0:
+            return
+        final = output_dir / ".final-upload"
+        shutil.rmtree(final, ignore_errors=True)
+        final.mkdir()
+        for item in output_dir.iterdir():
+            if item.is_file() and item.name not in NOT_FINAL:
+                os.link(item, final / item.name)  # a hard link: no copy of the weights
+        try:
+            if (output_dir / METRICS_KEY).is_file():
+                upload_file_artifact(self.store, output_dir / METRICS_KEY, METRICS_KEY)
+            upload_file_artifact(self.store, final, FINAL_KEY)
+            log.info("results uploaded to %s", self.store.uri_for(FINAL_KEY))
+        except StorageError as exc:  # the trained model is still on local disk; say so loudly
+            log.error("could not upload the final results to %s: %s (they remain in %s)", self.store.uri, exc, output_dir)
+        finally:
+            shutil.rmtree(final, ignore_errors=True)
+
+    # ------------------------------------------------------------------- callback
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if control.should_training_stop and self.preemption.is_set():
+            self.stopped_by_signal = True
+
+    def on_save(self, args, state, control, **kwargs):
+        """Queue the checkpoint, and refresh storage's copy of metrics.jsonl (the live record)."""
+        super().on_save(args, state, control, **kwargs)
+        if self.store is not None and state.is_world_process_zero and (self.output_dir / METRICS_KEY).is_file():
+            try:
+                upload_file_artifact(self.store, self.output_dir / METRICS_KEY, METRICS_KEY)
+            except StorageError as exc:
+                log.warning("metrics.jsonl not uploaded (%s); retried at the next save", exc)
+
+
+def storage_plugin(cfg: FineTuneConfig, output_dir: Path) -> StoragePlugin:
+    """CALLBACK_FACTORIES entry: always handles SIGTERM; syncs when `output.storage_uri` is set."""
+    preemption = install_preemption_handler()
+    store = uploader = None
+    if cfg.output.storage_uri:
+        store = open_store(cfg.output.storage_uri)
+        if _rank("LOCAL_RANK") == 0:
+            node_rank, num_nodes = node_topology()
+            uploader = BackgroundUploader(
+                store, save_total_limit=cfg.output.save_total_limit, node_rank=node_rank, num_nodes=num_nodes
+            )
+    return StoragePlugin(store, uploader, preemption, output_dir)
