@@ -26,6 +26,8 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
+	# A fresh run each time (a plain `finetune train` would resume from the last checkpoint).
+	rm -rf runs/quickstart
 	$(BIN)/finetune train --config examples/quickstart.yaml
 
 test: $(STAMP)
