@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures
 import logging
 from typing import Any
 
@@ -47,7 +46,7 @@ def operator_settings(*, peering: str | None, standalone: bool, workers: int = W
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "finetune-operator"
-    settings.execution.executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="handler")
+    settings.execution.max_workers = workers
     settings.watching.server_timeout = WATCH_SERVER_TIMEOUT
     settings.watching.client_timeout = WATCH_SERVER_TIMEOUT + 60
     settings.peering.standalone = standalone

@@ -1,0 +1,183 @@
+"""Table tests of the operator's small pure pieces: API paths, drift patches, status JSON
+patches, the spec-change rule, Kueue ownership, and kopf's settings."""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+import pytest
+
+from finetune_operator import handlers, kube, runner
+from finetune_operator import status as st
+from finetune_operator.render import spec_hash
+
+
+@pytest.mark.parametrize(
+    "args, path",
+    [
+        (("v1", "ConfigMap", "ns", "c"), "/api/v1/namespaces/ns/configmaps/c"),
+        (("v1", "Pod", "ns"), "/api/v1/namespaces/ns/pods"),
+        (("v1", "Namespace", "ignored", "ns"), "/api/v1/namespaces/ns"),
+        (("rbac.authorization.k8s.io/v1", "Role", "ns", "r"), "/apis/rbac.authorization.k8s.io/v1/namespaces/ns/roles/r"),
+        (("kubeflow.org/v1", "PyTorchJob", "ns", "j"), "/apis/kubeflow.org/v1/namespaces/ns/pytorchjobs/j"),
+        (("finetune.dev/v1alpha1", "FineTuneJob", "ns", "j", "status"),
+         "/apis/finetune.dev/v1alpha1/namespaces/ns/finetunejobs/j/status"),
+        (("finetune.dev/v1alpha1", "FineTuneJob", None), "/apis/finetune.dev/v1alpha1/finetunejobs"),
+    ],
+)
+def test_resource_paths(args, path):
+    assert kube.resource_path(*args) == path
+
+
+@pytest.mark.parametrize(
+    "existing, desired, ok",
+    [
+        ({"a": 1, "b": 2}, {"a": 1}, True),  # server defaults add keys
+        ({"a": 1}, {"a": 2}, False),
+        ({"a": {"b": {"c": 1, "d": 2}}}, {"a": {"b": {"c": 1}}}, True),
+        ({"l": [{"x": 1, "y": 2}]}, {"l": [{"x": 1}]}, True),  # defaulted list items
+        ({"l": [{"x": 1}, {"x": 2}]}, {"l": [{"x": 1}]}, False),  # a list item too many
+        ({"l": [1, 2]}, {"l": [2, 1]}, False),
+        (None, {"a": 1}, False),
+        ({"a": None}, {"a": None}, True),
+    ],
+)
+def test_contains(existing, desired, ok):
+    assert kube.contains(existing, desired) is ok
+
+
+def manifest(**over):
+    base = {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "c", "namespace": "ns", "labels": {"a": "1"}, "annotations": {"h": "x"},
+                         "ownerReferences": [{"uid": "u"}]},
+            "data": {"k": "v"}}
+    base.update(over)
+    return base
+
+
+@pytest.mark.parametrize(
+    "existing, patch",
+    [
+        (manifest(), None),
+        ({**manifest(), "metadata": {**manifest()["metadata"], "resourceVersion": "9", "labels": {"a": "1", "x": "y"}}},
+         None),  # extra labels and server fields are not ours
+        (manifest(data={"k": "old"}), {"data": {"k": "v"}}),
+        ({**manifest(), "metadata": {"name": "c", "namespace": "ns"}},
+         {"metadata": {"labels": {"a": "1"}, "annotations": {"h": "x"}, "ownerReferences": [{"uid": "u"}]}}),
+        ({**manifest(), "status": {"whatever": 1}}, None),
+    ],
+    ids=["same", "server additions", "data drifted", "adopt: labels and owner", "status is not ours"],
+)
+def test_drift_patch(existing, patch):
+    assert kube.drift_patch(manifest(), existing) == patch
+
+
+def test_drift_patch_is_minimal_and_can_ignore_fields():
+    desired = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "j"},
+               "spec": {"runPolicy": {"suspend": True, "backoffLimit": 3}, "pytorchReplicaSpecs": {"Master": {"replicas": 1}}}}
+    existing = {"metadata": {"name": "j"},
+                "spec": {"runPolicy": {"suspend": False, "backoffLimit": 3}, "pytorchReplicaSpecs": {"Master": {"replicas": 1}}}}
+    assert kube.drift_patch(desired, existing) == {"spec": {"runPolicy": {"suspend": True}}}
+    assert kube.drift_patch(kube.without(desired, [("spec", "runPolicy", "suspend")]), existing) is None
+    assert kube.without(desired, [("spec", "absent", "x")]) == desired
+
+
+def test_status_json_patch_guards_the_resource_version():
+    body = {"metadata": {"resourceVersion": "7"}}
+    assert kube.status_json_patch(body, {"phase": "Running"}) == [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": "7"},
+        {"op": "add", "path": "/status", "value": {"phase": "Running"}},
+    ]
+    body["status"] = {"progress": {"step": 1}}
+    assert kube.status_json_patch(body, {"phase": "Running", "conditions": []})[1:] == [
+        {"op": "add", "path": "/status/phase", "value": "Running"},
+        {"op": "add", "path": "/status/conditions", "value": []},
+    ]
+
+
+@pytest.mark.parametrize(
+    "running_spec, new_spec, allowed",
+    [
+        ({"a": 1}, {"a": 1}, True),
+        ({"a": 1}, {"a": 1, "suspend": True}, True),
+        ({"a": 1, "suspend": True}, {"a": 1}, True),
+        ({"a": 1, "suspend": True}, {"a": 1, "suspend": False}, True),
+        ({"a": 1, "suspend": False}, {"a": 1}, True),
+        ({"a": 1}, {"a": 2}, False),
+        ({"a": 1}, {"a": 2, "suspend": True}, False),  # a combined edit is rejected as a whole
+        ({"a": 1}, {"a": 1, "b": 0}, False),  # even a default written out is an edit
+    ],
+)
+def test_only_suspend_may_change_after_start(running_spec, new_spec, allowed):
+    assert handlers.suspend_only_change(spec_hash(running_spec), new_spec) is allowed
+
+
+def test_a_child_without_a_spec_hash_is_kept_applied():
+    assert handlers.suspend_only_change(None, {"a": 2}) is True
+
+
+@pytest.mark.parametrize(
+    "kind, spec, owned",
+    [
+        ("PyTorchJob", {"queue_name": "q"}, handlers.KUEUE_OWNED),
+        ("PyTorchJob", {"queue_name": "q", "suspend": True}, ()),
+        ("PyTorchJob", {}, ()),
+        ("ConfigMap", {"queue_name": "q"}, ()),
+    ],
+)
+def test_kueue_owns_suspend_of_queued_jobs(kind, spec, owned):
+    assert handlers.owned_by_others({"kind": kind}, spec) == owned
+
+
+def test_every_rejected_generation_is_announced():
+    rejected = st.Acceptance.change_rejected(3)
+    before = st.conditions_for(generation=2, acceptance=st.Acceptance.change_rejected(2), suspend=False, pytorchjob=None,
+                               now="t")
+    after = st.conditions_for(generation=3, acceptance=rejected, suspend=False, pytorchjob=None,
+                              previous=before["conditions"], now="t")
+    (event,) = handlers.owner_events(before, after, rejected)
+    assert (event.type, event.reason, event.event_type) == ("Accepted", "SpecChangeRejected", "Warning")
+
+
+def test_status_writer_prefers_the_recorded_child_summary():
+    fresh = {"metadata": {"generation": 1}, "status": {"pytorchJob": {"name": "j", "conditions": [
+        {"type": "Running", "status": "True"}]}, "progress": {"step": 3}}}
+    stale = handlers.Outcome(st.Acceptance.valid(1), {"name": "j", "conditions": []})
+    handlers.status_writer(stale, False, "t")(fresh)
+    by_type = {c["type"]: c["status"] for c in fresh["status"]["conditions"]}
+    assert by_type["Running"] == "True" and fresh["status"]["phase"] == "Running"
+    assert fresh["status"]["progress"] == {"step": 3}  # the trainer's field is left alone
+
+
+def test_api_errors_are_classified():
+    with pytest.raises(kopf.PermanentError):
+        with handlers.api_errors(1.0):
+            raise kube.ApiError(422, "Invalid", "spec.x: bad")
+    for status in (0, 403, 404, 409, 429, 500, 503):
+        with pytest.raises(kopf.TemporaryError) as err:
+            with handlers.api_errors(2.5):
+                raise kube.ApiError(status, "X", "y")
+        assert err.value.delay == 2.5
+
+
+def test_operator_settings():
+    settings = runner.operator_settings(peering=None, standalone=True, workers=3)
+    assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
+    assert settings.posting.level == logging.WARNING and settings.posting.enabled
+    assert settings.execution.max_workers == 3
+    assert settings.peering.standalone is True
+    ha = runner.operator_settings(peering="finetune", standalone=False)
+    assert ha.peering.name == "finetune" and ha.peering.mandatory and not ha.peering.standalone
+
+
+def test_connection_info_from_a_client_configuration():
+    from kubernetes.client import Configuration
+
+    config = Configuration(host="https://api.example:6443", api_key={"BearerToken": "abc"},
+                           api_key_prefix={"BearerToken": "Bearer"})
+    config.ssl_ca_cert = "/ca.crt"
+    info = handlers.connection_info(config)
+    assert (info.server, info.scheme, info.token, info.ca_path, info.insecure) == (
+        "https://api.example:6443", "Bearer", "abc", "/ca.crt", False)
