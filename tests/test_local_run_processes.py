@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from finetune_trainer.launch import torchrun_command
+
 from finetune_operator import contract as c
 from finetune_operator.local import execute, local_command, plan
 from finetune_operator.render import RenderSettings
@@ -123,7 +125,7 @@ def test_plan_mirrors_the_training_operators_env(tmp_path, stand_in):
     [
         (0, ["-m", "finetune_trainer.cli", "train", "--config"]),
         (1, ["-m", "finetune_trainer.cli", "train", "--config"]),
-        (2, ["-m", "torch.distributed.run", "-m", "finetune_trainer.cli", "train", "--config"]),
+        (2, ["-m", "finetune_trainer.cli", "launch", "--config"]),  # launch runs torchrun
     ],
 )
 def test_commands_run_under_this_interpreter(tmp_path, gpus, argv_tail):
@@ -219,8 +221,10 @@ def test_pet_variables_drive_torchrun_across_two_local_nodes(tmp_path, stand_in)
     (module_dir / "replica_probe.py").write_text(TORCHRUN_REPLICA)
     the_plan = plan(job(2, gpus=2), RenderSettings(), tmp_path / "run")
     for replica in the_plan.replicas:
-        assert replica.argv[1:4] == ["-m", "torch.distributed.run", "-m"]
-        replica.argv = replica.argv[:4] + ["replica_probe"]  # same launcher, a probe instead of the trainer
+        assert replica.argv[1:4] == ["-m", "finetune_trainer.cli", "launch"]
+        # what `finetune launch` runs, with a probe in place of the trainer
+        argv = torchrun_command(str(replica.config_path), [])
+        replica.argv = argv[: argv.index("finetune_trainer.cli")] + ["replica_probe"]
         replica.env.update(TEST_OUT=str(out_dir), PYTHONPATH=str(module_dir), OMP_NUM_THREADS="1")
     assert execute(the_plan.replicas, out=StringIO(), grace_seconds=20) == 0
     seen = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in out_dir.glob("torchrun-*.json")}

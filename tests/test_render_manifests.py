@@ -265,8 +265,7 @@ def test_every_child_is_owned_labelled_and_named_deterministically():
         meta = m["metadata"]
         assert meta["namespace"] == "team-a"
         assert meta["ownerReferences"] == [{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
-                                            "name": "demo", "uid": "uid-1", "controller": True,
-                                            "blockOwnerDeletion": True}]
+                                            "name": "demo", "uid": "uid-1", "controller": True}]
         assert meta["labels"][c.LABEL_JOB_NAME] == "demo" and meta["labels"][c.LABEL_MANAGED_BY] == c.MANAGED_BY
         assert meta["annotations"][c.ANNOTATION_SPEC_HASH] == spec_hash(job()["spec"])
     assert render(job(), SETTINGS) == manifests  # pure: same input, same output

@@ -24,8 +24,9 @@ MASTER_PORT = 23456  # the training operator's default; its port must be named:
 MASTER_PORT_NAME = "pytorchjob-port"
 TRAINER_UID = 1000  # the trainer image's non-root user (runAsUser/runAsGroup/fsGroup)
 TRAINER_COMMAND = ("finetune", "train", "--config", CONFIG_PATH)
-# More than one process in a pod: torchrun starts them, reading the PET_* variables below.
-TORCHRUN_COMMAND = ("torchrun", "--no-python", *TRAINER_COMMAND)
+# More than one process in a pod: `finetune launch` runs torchrun (which reads the PET_*
+# variables below) and keeps the trainer's exit code, which torchrun alone would turn into 1.
+TORCHRUN_COMMAND = ("finetune", "launch", "--config", CONFIG_PATH)
 
 # ------------------------------------------------------- env the operator sets (render.py)
 ENV_JOB_NAME = "FINETUNE_JOB_NAME"

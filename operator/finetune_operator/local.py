@@ -9,7 +9,7 @@ What differs from a pod, and why:
 - the config is the ConfigMap's, written to <run dir>/<replica>/config.yaml, with the
   output directory in that replica's folder (pods each have their own /workspace);
 - storage is file://<run dir>/storage when neither the spec nor a flag names one;
-- `finetune` / `torchrun --no-python finetune` become `sys.executable -m ...`, so the run
+- `finetune ...` (train, or launch for torchrun) becomes `sys.executable -m ...`, so the run
   uses this interpreter whatever PATH says;
 - Secrets do not exist here: a variable the pod reads from a Secret is inherited from this
   shell when set (HF_TOKEN, AWS_*), else left out; HF_HOME stays this machine's cache;
@@ -166,11 +166,8 @@ def training_operator_env(*, rank: int, nodes: int, nproc: int, port: int) -> di
 
 
 def local_command(command: list[str], config_path: Path) -> list[str]:
-    """The container's command for this interpreter (torchrun and finetune as `-m` modules)."""
+    """The container's command for this interpreter (`finetune` as a `-m` module)."""
     args = [str(config_path) if a == c.CONFIG_PATH else a for a in command]
-    torchrun = list(c.TORCHRUN_COMMAND[:3])  # torchrun --no-python finetune
-    if args[:3] == torchrun:
-        return [sys.executable, "-m", "torch.distributed.run", "-m", TRAINER_MODULE, *args[3:]]
     if args[0] == "finetune":
         return [sys.executable, "-m", TRAINER_MODULE, *args[1:]]
     return args

@@ -211,9 +211,10 @@ class _Context:
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
-    """Controller reference: garbage collection deletes the child with the job."""
-    return {"apiVersion": API_VERSION, "kind": KIND, "name": name, "uid": uid, "controller": True,
-            "blockOwnerDeletion": True}
+    """Controller reference: garbage collection deletes the child with the job. No
+    blockOwnerDeletion: where the OwnerReferencesPermissionEnforcement admission plugin runs it
+    needs `update` on finetunejobs/finalizers, a grant the operator has no other use for."""
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": name, "uid": uid, "controller": True}
 
 
 # ----------------------------------------------------------------------------- config map
@@ -333,6 +334,9 @@ def container(ctx: _Context) -> dict[str, Any]:
         "image": ctx.spec.image or ctx.settings.trainer_image,
         "command": list(trainer_command(ctx.nproc_per_node)),
         "workingDir": c.WORK_DIR,
+        # The trainer's last lines (the error a user must read) become the container's
+        # termination message, which the Failed condition quotes.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": env(ctx),
         "resources": resources(ctx.spec),
         "ports": [{"name": c.MASTER_PORT_NAME, "containerPort": c.MASTER_PORT, "protocol": "TCP"}],

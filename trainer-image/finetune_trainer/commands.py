@@ -5,16 +5,32 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import _config_arg, _load_any, _print_issues, register
+from .cli import EXIT_INVALID, _config_arg, _load_any, _print_issues, register
+from .config import ConfigError
+from .launch import record_exit_code
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     """Fine-tune from a seed config or a FineTuneJob manifest; exit 1 on what a retry cannot fix."""
-    loaded = _load_any(args.config, overrides, "train")  # a ConfigError is printed by cli.main
-    _print_issues([], loaded.warnings, args.config)
-    from .train import run_command  # torch and transformers load here, not for `finetune validate`
+    code = EXIT_INVALID
+    try:
+        loaded = _load_any(args.config, overrides, "train")
+        _print_issues([], loaded.warnings, args.config)
+        from .train import run_command  # torch and transformers load here, not for `finetune validate`
 
-    return run_command(loaded.config, base_dir=Path(args.config).resolve().parent)
+        code = run_command(loaded.config, base_dir=Path(args.config).resolve().parent)
+        return code
+    except ConfigError as exc:
+        _print_issues(exc.errors, exc.warnings, args.config)
+        return code
+    finally:
+        record_exit_code(code)  # for `finetune launch` (torchrun would turn it into 1)
+
+
+def cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .launch import launch
+
+    return launch(args.config, overrides)
 
 
 register(
@@ -22,3 +38,8 @@ register(
     "fine-tune a model (the command the training pods run); --section.key VALUE overrides a key",
     _config_arg,
 )(cmd_train)
+register(
+    "launch",
+    "run `finetune train` under torchrun (one process per GPU, from PET_* variables), keeping the trainer's exit code",
+    _config_arg,
+)(cmd_launch)

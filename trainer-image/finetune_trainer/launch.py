@@ -1,0 +1,75 @@
+"""`finetune launch`: torchrun for a pod with several GPUs, keeping the trainer's exit code.
+
+torchrun turns any worker failure into exit 1, and under the PyTorchJob's
+`restartPolicy: ExitCode` 1 means "permanent": a run preempted after saving (143) would
+never be retried. So each rank writes its exit code to a folder this launcher makes, and
+the launcher exits with the code that tells the truth.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ENV_EXIT_CODE_DIR = "FINETUNE_EXIT_CODE_DIR"
+KILLED = 137  # a rank that died without a word was killed (OOM, node loss): retry
+
+
+def record_exit_code(code: int) -> None:
+    """Called by every rank of `finetune train` as it exits (no-op outside the launcher)."""
+    folder = os.environ.get(ENV_EXIT_CODE_DIR)
+    if folder:
+        rank = os.environ.get("RANK", "0")
+        Path(folder, f"rank-{rank}.code").write_text(str(code))
+
+
+def read_exit_codes(folder: Path) -> dict[int, int]:
+    codes = {}
+    for path in folder.glob("rank-*.code"):
+        try:
+            codes[int(path.stem.split("-", 1)[1])] = int(path.read_text().strip())
+        except ValueError:
+            continue
+    return codes
+
+
+def launch_exit_code(launcher_code: int, rank_codes: dict[int, int]) -> int:
+    """The pod's exit code from torchrun's and the ranks' own.
+
+    A permanent failure on any rank (1-127: bad data, NaN loss) wins, lowest rank first;
+    else a retryable one (128+: preempted after saving); a failure no rank reported is a
+    kill, retried; a signal that killed torchrun itself reads as 128 + signal."""
+    if launcher_code == 0:
+        return 0
+    permanent = [rank_codes[r] for r in sorted(rank_codes) if 1 <= rank_codes[r] <= 127]
+    if permanent:
+        return permanent[0]
+    retryable = [code for code in rank_codes.values() if code >= 128]
+    if retryable:
+        return max(retryable)
+    if launcher_code < 0:
+        return 128 - launcher_code
+    return launcher_code if launcher_code >= 128 else KILLED
+
+
+def torchrun_command(config: str, overrides: list[str]) -> list[str]:
+    """torchrun reads --nnodes, --nproc-per-node, --node-rank and the rendezvous from PET_*."""
+    return [sys.executable, "-m", "torch.distributed.run", "-m", "finetune_trainer.cli", "train", "--config", config,
+            *overrides]
+
+
+def launch(config: str, overrides: list[str]) -> int:
+    with tempfile.TemporaryDirectory(prefix="finetune-exit-") as folder:
+        proc = subprocess.Popen(torchrun_command(config, overrides), env={**os.environ, ENV_EXIT_CODE_DIR: folder})
+
+        def forward(signum, _frame):  # torchrun passes it on to the ranks, which save and exit
+            proc.send_signal(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, forward)
+        code = proc.wait()
+        return launch_exit_code(code, read_exit_codes(Path(folder)))
