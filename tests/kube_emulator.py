@@ -42,7 +42,7 @@ from typing import Any
 import attrs
 import jsonpatch
 import kmock
-from kmock._internal import apps, dicts, enums, rendering
+from kmock._internal import apps, dicts, enums, parsing, rendering
 
 from finetune_operator import spec as crd
 
@@ -72,6 +72,24 @@ def now_rfc3339() -> str:
 
 def _error(status: int, reason: str, message: str) -> kmock.KubernetesError:
     return kmock.KubernetesError(status=status, reason=reason, message=message, details={})
+
+
+# ------------------------------------------------------------------ a kmock 0.8 parsing bug
+
+_parse_path = parsing.parse_path
+
+
+def _parse_path_with_namespaces(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 reads /api/v1/namespaces[/<name>] as "inside a namespace" and fails (500) on
+    the namespace list that kopf needs for namespaced operation; those paths are Namespace objects."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and (len(parts) <= 4 or parts[4:] in (["status"], ["finalize"])):
+        return parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) > 3 else None,
+                                  parts[4] if len(parts) > 4 else None)
+    return _parse_path(path)
+
+
+parsing.parse_path = _parse_path_with_namespaces
 
 
 # ------------------------------------------------------------------ label selectors
@@ -571,7 +589,8 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, what: str =
 class OperatorThread:
     """The real operator (kopf + our handlers + the official client) in a thread of its own."""
 
-    def __init__(self, url: str, *, render_settings: Any = None, retry_delay: float = 0.5, workers: int = 8):
+    def __init__(self, url: str, *, render_settings: Any = None, retry_delay: float = 0.5, workers: int = 8,
+                 namespaces: list[str] | None = None):
         from finetune_operator.kube import Kube
         from finetune_operator.render import RenderSettings
         from finetune_operator.runner import operator_kwargs
@@ -582,6 +601,7 @@ class OperatorThread:
             standalone=True,
             retry_delay=retry_delay,
             workers=workers,
+            namespaces=namespaces,
         )
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()

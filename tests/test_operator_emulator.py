@@ -128,3 +128,12 @@ def test_generate_name(cluster):
     first = cluster.kube.create({"apiVersion": "v1", "kind": "Event", "metadata": {"generateName": "e.", "namespace": "default"}})
     second = cluster.kube.create({"apiVersion": "v1", "kind": "Event", "metadata": {"generateName": "e.", "namespace": "default"}})
     assert first["metadata"]["name"].startswith("e.") and first["metadata"]["name"] != second["metadata"]["name"]
+
+
+def test_namespace_objects_are_addressable(cluster):
+    """kmock 0.8 misreads /api/v1/namespaces; kopf needs it to run namespaced."""
+    cluster.kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}})
+    assert cluster.kube.get("v1", "Namespace", None, "team-a")["metadata"]["name"] == "team-a"
+    assert names(cluster.kube.list("v1", "Namespace", None)) == ["team-a"]
+    cluster.kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "team-a"}})
+    assert names(cluster.kube.list("v1", "ConfigMap", "team-a")) == ["c"]

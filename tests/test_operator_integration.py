@@ -170,6 +170,39 @@ def test_pytorchjob_states_are_mirrored_running_restarting_succeeded(cluster, op
         assert expected in events
 
 
+def test_a_finished_run_is_never_restarted(cluster, emulator, operator, tmp_path):
+    """After Succeeded, the PyTorchJob may be cleaned up (TTL, a person); an operator restart
+    (resume) must not re-create it, which would train again."""
+    cluster.apply_job("demo", spec(tmp_path))
+    wait_for(lambda: cluster.pytorchjob("demo"), what="the PyTorchJob")
+    cluster.set_pytorchjob_status("demo", pytorchjob_conditions("Created", "Succeeded"))
+    cluster.wait_condition("demo", "Succeeded", "True")
+    cluster.kube.delete(*PYTORCHJOB, "default", "demo")
+    operator.stop()
+    again = OperatorThread(emulator.url).start()
+    try:
+        wait_for(lambda: again.memo.stats["reconciles"] >= 1, what="the resume reconcile")
+    finally:
+        again.stop()
+    assert cluster.pytorchjob("demo") is None
+    assert cluster.condition("demo", "Succeeded")["status"] == "True"
+    assert cluster.job("demo")["status"]["phase"] == "Succeeded"
+
+
+def test_namespaced_operator_ignores_other_namespaces(cluster, emulator, tmp_path):
+    for namespace in ("team-a", "team-b"):
+        cluster.kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    op = OperatorThread(emulator.url, namespaces=["team-a"]).start()
+    try:
+        cluster.apply_job("other", spec(tmp_path), namespace="team-b")
+        cluster.apply_job("mine", spec(tmp_path), namespace="team-a")
+        cluster.wait_condition("mine", "Accepted", "True", namespace="team-a")
+    finally:
+        op.stop()
+    assert names(emulator.objects("pytorchjobs")) == ["mine"]
+    assert cluster.job("other", "team-b").get("status") is None
+
+
 def test_failure_carries_exit_code_and_trainer_message(cluster, operator, tmp_path):
     cluster.apply_job("demo", spec(tmp_path))
     wait_for(lambda: cluster.pytorchjob("demo"), what="the PyTorchJob")

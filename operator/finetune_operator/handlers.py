@@ -108,7 +108,8 @@ class Outcome:
 
 
 def reconcile_job(kube: Kube, job: Mapping[str, Any], settings: Any) -> Outcome:
-    """1 validate + render, 2 refuse a spec change after start, 3 apply children in order."""
+    """1 validate + render, 2 never restart a finished run, 3 refuse a spec change after start,
+    4 apply the children in order (RBAC before the pods that use it)."""
     meta = job["metadata"]
     generation = int(meta.get("generation") or 1)
     try:
@@ -116,6 +117,9 @@ def reconcile_job(kube: Kube, job: Mapping[str, Any], settings: Any) -> Outcome:
     except ConfigError as exc:
         return Outcome(st.Acceptance.invalid(generation, [str(issue) for issue in exc.errors]), None)
     existing = kube.get(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, meta["namespace"], meta["name"])
+    if existing is None and st.finished((job.get("status") or {}).get("conditions")):
+        # The run ended and its PyTorchJob was cleaned up: re-creating it would train again.
+        return Outcome(st.Acceptance.valid(generation), None)
     if existing is not None:
         running_hash = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
         if not suspend_only_change(running_hash, job.get("spec") or {}):

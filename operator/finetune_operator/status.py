@@ -532,6 +532,11 @@ def transitions(previous: Iterable[Mapping[str, Any]] | None, current: Iterable[
     return out
 
 
+def finished(conditions: Iterable[Mapping[str, Any]] | None) -> bool:
+    """Succeeded=True or Failed=True: the run is over for good."""
+    return any((find(conditions, ctype) or {}).get("status") == TRUE for ctype in (SUCCEEDED, FAILED))
+
+
 def status_changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
     """Whether writing `new` would change anything we own in `old` (avoids no-op writes)."""
     old = old or {}
