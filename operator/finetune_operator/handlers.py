@@ -47,7 +47,7 @@ from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
 FINETUNEJOBS = (GROUP, VERSION, PLURAL)
 PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
 PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND = "kubeflow.org/v1", "PyTorchJob"
-TRAINING_JOB_LABEL = "training.kubeflow.org/job-name"  # the training operator labels pods so
+TRAINING_JOB_LABEL = "training.kubeflow.org/job-name"  # the training operator's label on the job's pods
 RETRY_DELAY = 10.0  # seconds before kopf retries a handler after an API hiccup
 MAX_STATUS_CONFLICTS = 5  # re-reads when another writer moved the resourceVersion first
 
@@ -144,10 +144,14 @@ def status_writer(outcome: Outcome, spec_suspend: bool, when: str) -> Callable[[
 
     def write(body: dict[str, Any]) -> None:
         status = body.setdefault("status", {})
-        pytorchjob = status.get("pytorchJob") or outcome.pytorchjob
-        status.update(derive(body, outcome.acceptance, spec_suspend, pytorchjob, when))
+        status.update(derive(body, outcome.acceptance, spec_suspend, child_summary(status, outcome), when))
 
     return write
+
+
+def child_summary(status: Mapping[str, Any] | None, outcome: Outcome) -> dict[str, Any] | None:
+    """The PyTorchJob summary already recorded in status, else the one this reconcile read."""
+    return (status or {}).get("pytorchJob") or outcome.pytorchjob
 
 
 def derive(
@@ -246,7 +250,7 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: loggi
         outcome = reconcile_job(memo.kube, job, memo.render_settings)
     spec_suspend = (job.get("spec") or {}).get("suspend") is True
     patch.fns.append(status_writer(outcome, spec_suspend, when))
-    expected = derive(job, outcome.acceptance, spec_suspend, (job.get("status") or {}).get("pytorchJob") or outcome.pytorchjob, when)
+    expected = derive(job, outcome.acceptance, spec_suspend, child_summary(job.get("status"), outcome), when)
     announce(job, owner_events(job.get("status"), expected, outcome.acceptance))
     if "stats" in memo:
         memo.stats["reconciles"] += 1
