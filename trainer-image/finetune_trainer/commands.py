@@ -16,9 +16,16 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         loaded = _load_any(args.config, overrides, "train")
         _print_issues([], loaded.warnings, args.config)
+        from .status_reporter import StatusReporter
         from .train import run_command  # torch and transformers load here, not for `finetune validate`
 
-        code = run_command(loaded.config, base_dir=Path(args.config).resolve().parent)
+        reporter = StatusReporter.from_env()  # in a pod the operator started, on rank 0
+        try:
+            code = run_command(loaded.config, base_dir=Path(args.config).resolve().parent,
+                               reporters=[reporter] if reporter else [])
+        finally:
+            if reporter:
+                reporter.close()
         return code
     except ConfigError as exc:
         _print_issues(exc.errors, exc.warnings, args.config)

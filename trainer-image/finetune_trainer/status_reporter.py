@@ -50,6 +50,10 @@ FIELDS = {
     "learning_rate": "learningRate",
     "tokens_per_second": "tokensPerSecond",
     "eta_seconds": "estimatedRemainingSeconds",
+    # from the storage plug-in (storage/plugin.py progress_fields)
+    "checkpoint_uri": "checkpointUri",
+    "storage_degraded": "storageDegraded",
+    "storage_error": "storageError",
 }
 
 

@@ -148,7 +148,7 @@ def train(
         processing_class=tokenizer,
         callbacks=[
             NonFiniteLossGuard(),
-            MetricsCallback(out / METRICS_FILE, reporters=list(reporters)),
+            MetricsCallback(out / METRICS_FILE, reporters=with_plugin_fields(reporters, extra)),
             session,
             *extra,
             *callbacks,
@@ -190,6 +190,19 @@ def train(
         print(report(results, answer, out), flush=True)
     _end(trainer)
     return RunResult(EXIT_OK, out, results)
+
+
+def with_plugin_fields(reporters: Sequence[ProgressReporter], plugins: Sequence[Any]) -> list[ProgressReporter]:
+    """Reporters that also get what plug-ins add to a progress update (e.g. the newest
+    checkpoint in storage, and whether uploads are degraded)."""
+    sources = [fields for p in plugins if callable(fields := getattr(p, "progress_fields", None))]
+    if not sources:
+        return list(reporters)
+
+    def enrich(report: ProgressReporter) -> ProgressReporter:
+        return lambda update: report({**update, **{k: v for f in sources for k, v in f().items()}})
+
+    return [enrich(r) for r in reporters]
 
 
 def _end(trainer) -> None:

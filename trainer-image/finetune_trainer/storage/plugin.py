@@ -87,13 +87,14 @@ class StoragePlugin(CheckpointSyncCallback):
         return str(target)
 
     def progress_fields(self) -> dict[str, Any]:
-        """What the status report shows about storage."""
+        """What the progress report shows about storage: the newest complete checkpoint, and
+        whether uploads are failing (training goes on; they are retried at the next save)."""
         if self.uploader is None:
             return {}
         status = self.uploader.status
-        fields: dict[str, Any] = {"checkpointUri": status.last_uploaded_uri, "storageDegraded": status.degraded}
+        fields: dict[str, Any] = {"checkpoint_uri": status.last_uploaded_uri, "storage_degraded": status.degraded}
         if status.degraded and status.last_error:
-            fields["storageError"] = status.last_error[:300]
+            fields["storage_error"] = status.last_error[:300]
         return fields
 
     def on_run_end(self, output_dir: Path) -> None:
