@@ -240,6 +240,43 @@ def _deepspeed_agrees(ds: dict[str, Any], cfg: FineTuneConfig) -> Iterator[Confi
             )
 
 
+def benchmarks_have_inputs(cfg: FineTuneConfig, ctx: RuleContext) -> Iterator[ConfigIssue]:
+    """A selected benchmark has the data it reads; local files exist when training starts."""
+    ev = cfg.evaluation
+
+    def missing(path: str, message: str) -> ConfigIssue:
+        return error(path, message) if ctx.mode == "train" else warning(path, message)
+
+    if "domain-specific-eval" in ev.benchmarks and not ev.domain_eval_path:
+        yield missing(
+            "evaluation.domain_eval_path",
+            "evaluation.benchmarks includes 'domain-specific-eval' but no evaluation set is given; set "
+            'evaluation.domain_eval_path to a JSONL file (or s3:// URI) of {"prompt": ..., "reference": ...} '
+            "lines, or remove the benchmark",
+        )
+    local = [
+        ("domain-specific-eval", "evaluation.domain_eval_path", ev.domain_eval_path, False),
+        ("lm-evaluation-harness", "evaluation.lm_eval.include_path", ev.lm_eval.include_path, True),
+        ("human-eval", "evaluation.human_eval.problems_path", ev.human_eval.problems_path, False),
+    ]
+    for benchmark, path, value, is_dir in local:
+        if benchmark not in ev.benchmarks or not value or not _looks_local(value, is_dir):
+            continue
+        found = Path(value).expanduser()
+        if not (found.is_dir() if is_dir else found.is_file()):
+            kind = "folder" if is_dir else "file"
+            yield missing(path, f"{kind} not found: {value} (relative paths are read from the working directory); fix the path")
+    if ev.evaluate_base_model and not ev.benchmarks:
+        yield warning("evaluation.evaluate_base_model", "is true but evaluation.benchmarks is empty; nothing is evaluated")
+
+
+def _looks_local(value: str, is_dir: bool) -> bool:
+    """A local path (a folder always is; a data location may also be s3:// or a dataset ID)."""
+    if value.startswith("s3://"):
+        return False
+    return is_dir or value.endswith((".json", ".jsonl")) or value.startswith(("/", "./", "../", "~"))
+
+
 RULES: list[Rule] = [
     qlora_needs_4bit,
     one_quantization,
@@ -253,6 +290,7 @@ RULES: list[Rule] = [
     train_data_present,
     precision_matches_compute_dtype,
     deepspeed_is_configured,
+    benchmarks_have_inputs,
 ]
 
 

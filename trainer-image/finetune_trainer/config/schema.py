@@ -315,6 +315,53 @@ class OutputConfig(Section):
     )
 
 
+class LmEvalConfig(Section):
+    """EleutherAI lm-evaluation-harness (`lm_eval`) on the trained model, adapter applied."""
+
+    tasks: list[NonEmptyStr] = Field(
+        default_factory=lambda: ["hellaswag", "arc_easy"],
+        min_length=1,
+        description="lm_eval task (or group) names. Built-in tasks fetch their data from the Hugging Face Hub; "
+        "offline, use tasks defined by YAML files under include_path.",
+    )
+    num_fewshot: int | None = Field(
+        default=None, ge=0, le=64, description="Few-shot examples per question. Default: each task's own (0 if unset)."
+    )
+    limit: float | None = Field(
+        default=None,
+        gt=0,
+        description="At most this many examples per task (a number below 1 is a fraction of the task). Default: all.",
+    )
+    include_path: NonEmptyStr | None = Field(
+        default=None,
+        description="Folder of custom task YAML files (lm_eval's include_path), relative to the working directory.",
+    )
+    batch_size: int | None = Field(
+        default=None, ge=1, description="Requests per forward pass. Default: evaluation.eval_batch_size."
+    )
+    apply_chat_template: bool = Field(
+        default=False,
+        description="Wrap prompts in the tokenizer's chat template (lm_eval's apply_chat_template); off is the "
+        "usual setting for published scores.",
+    )
+
+
+class HumanEvalConfig(Section):
+    """HumanEval-style code generation, each program run in a sandboxed subprocess; reports pass@1."""
+
+    problems_path: NonEmptyStr = Field(
+        default="openai/openai_humaneval:test",
+        description="Problems with task_id, prompt, test and entry_point: a JSONL file, an s3:// URI or a Hugging "
+        "Face dataset ID (DATASET:split). Default: OpenAI's HumanEval from the Hub.",
+    )
+    max_new_tokens: int = Field(default=384, ge=1, le=8192, description="Longest completion generated per problem.")
+    timeout_seconds: float = Field(
+        default=10.0, gt=0, le=600, description="Wall-clock (and CPU) limit for one problem's program and tests."
+    )
+    memory_mb: int = Field(default=1024, ge=64, description="Address-space limit of one problem's program, in MiB.")
+    limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N problems. Default: all.")
+
+
 class EvaluationConfig(Section):
     """Evaluation during and after training."""
 
@@ -328,6 +375,21 @@ class EvaluationConfig(Section):
         default_factory=list,
         description='Benchmarks to run after training: "lm-evaluation-harness", "domain-specific-eval", "human-eval".',
     )
+    evaluate_base_model: bool = Field(
+        default=False,
+        description="Also run the benchmarks before training (the base model, or the untrained adapter, which "
+        "leaves it unchanged), so the results show before, after and the change.",
+    )
+    domain_eval_path: NonEmptyStr | None = Field(
+        default=None,
+        description='domain-specific-eval data: JSONL lines of {"prompt": ..., "reference": ...} (optional '
+        '"system"), as a local file or an s3:// URI. Scored by exact match, token F1 and reference perplexity.',
+    )
+    domain_eval_max_new_tokens: int = Field(
+        default=128, ge=1, le=8192, description="Longest answer generated per domain-specific-eval prompt."
+    )
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig, description="lm-evaluation-harness settings.")
+    human_eval: HumanEvalConfig = Field(default_factory=HumanEvalConfig, description="human-eval settings.")
 
 
 class FineTuneConfig(Section):
