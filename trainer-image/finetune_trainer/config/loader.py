@@ -248,4 +248,5 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, mode: M
 
 def dump_config(config: FineTuneConfig) -> str:
     """The resolved config as YAML (every key, defaults filled), in the seed's order."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when present: the operator renders many
+    return yaml.dump(config.model_dump(mode="json"), Dumper=dumper, sort_keys=False, allow_unicode=True)
