@@ -223,6 +223,13 @@ def run_command(cfg: FineTuneConfig, *, base_dir: Path, **kwargs: Any) -> int:
     except (DataError, NonFiniteLossError) as exc:
         print(f"{_error_prefix()}: {exc}", file=sys.stderr)
         return EXIT_PERMANENT
+    except Exception as exc:  # noqa: BLE001 - one permanent class of our own, else re-raise
+        from .methods.spectrum import SpectrumScanError
+
+        if not isinstance(exc, SpectrumScanError):
+            raise
+        print(f"{_error_prefix()}: {exc}", file=sys.stderr)  # the message names the field to set
+        return EXIT_PERMANENT
 
 
 def _error_prefix() -> str:
