@@ -103,6 +103,7 @@ def greedy_generate(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad,
+                use_cache=True,  # off in the config of a model trained with gradient checkpointing
                 **kwargs,
             )
         for row, i in enumerate(batch):

@@ -88,16 +88,17 @@ def _number(value: Any, signed: bool = False) -> str:
 
 def results_table(report: dict[str, Any]) -> str:
     """The table printed at the end of a run (before -> after)."""
-    header = ("Benchmark", "Metric", "Before", "After", "Change")
+    header = ("Benchmark", "Metric", "Before", "After", "Change", "")
     lines = [
-        (r["benchmark"], r["metric"], _number(r["before"]), _number(r["after"]),
-         _number(r["delta"], signed=True) + {True: " better", False: " worse", None: ""}[r["improved"]])
+        (r["benchmark"], r["metric"], _number(r["before"]), _number(r["after"]), _number(r["delta"], signed=True),
+         {True: "better", False: "worse", None: ""}[r["improved"]])
         for r in metric_rows(report)
     ]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     out = ["Evaluation (before -> after):" if report.get("before") else "Evaluation:"]
     for row in [header, *lines]:
-        out.append("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+        cells = [cell.rjust(w) if 2 <= i <= 4 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        out.append("  ".join(cells).rstrip())
     for err in errors(report):
         out.append(f"{err['benchmark']} ({err['stage']}): error: {err['message']}")
     return "\n".join(out)
