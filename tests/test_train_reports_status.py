@@ -1,6 +1,6 @@
 """A real `finetune train`, as a pod runs it, reports progress into its FineTuneJob's status:
 rank 0 PATCHes /status over HTTP (the API emulator here), including the newest checkpoint
-that is complete in object storage (file:// here)."""
+that is complete in object storage (file:// here) and the benchmarks before -> after."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from kube_emulator import cluster, emulator, wait_for  # noqa: F401  (fixtures)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 DATA = Path(__file__).resolve().parent / "fixtures" / "data" / "alpaca.jsonl"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_training_progress_and_checkpoint_reach_the_status(tmp_path, tiny_model_dir, cluster, emulator):
@@ -32,6 +33,10 @@ def test_training_progress_and_checkpoint_reach_the_status(tmp_path, tiny_model_
         "dataset": {"train_path": str(data)},
         "output": {"output_dir": str(tmp_path / "out"), "storage_uri": f"file://{storage}", "logging_steps": 1,
                    "save_steps": 2},
+        "evaluation": {"benchmarks": ["domain-specific-eval", "human-eval"], "evaluate_base_model": True,
+                       "domain_eval_path": str(EXAMPLES / "eval" / "domain_demo.jsonl"), "domain_eval_max_new_tokens": 4,
+                       "human_eval": {"problems_path": str(EXAMPLES / "eval" / "humaneval_tiny.jsonl"),
+                                      "max_new_tokens": 8}},
     }))
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "FINETUNE_STATUS_URL": f"{emulator.url}/apis/finetune.dev/v1alpha1/namespaces/default/finetunejobs/demo/status"}
@@ -45,3 +50,11 @@ def test_training_progress_and_checkpoint_reach_the_status(tmp_path, tiny_model_
     assert progress["loss"] > 0 and "lastUpdatedTime" in progress
     assert progress["checkpointUri"].startswith(f"file://{storage}") and "checkpoint-" in progress["checkpointUri"]
     assert progress["storageDegraded"] is False
+    # benchmarks before -> after: the table, evaluation.json (with final/), status.evaluation
+    assert "before" in proc.stdout and "human-eval" in proc.stdout
+    report = json.loads((storage / "final" / "evaluation.json").read_text())
+    assert set(report["after"]) == {"domain-specific-eval", "human-eval"} and report["before"]
+    evaluation = wait_for(lambda: cluster.job("demo")["status"].get("evaluation"), what="status.evaluation")
+    assert evaluation["stages"] == ["before", "after"]
+    assert evaluation["resultsUri"] == f"file://{storage}/final/evaluation.json"
+    assert {m["benchmark"] for m in evaluation["metrics"]} == {"domain-specific-eval", "human-eval"}

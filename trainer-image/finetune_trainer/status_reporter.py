@@ -119,6 +119,7 @@ class StatusReporter:
         self.last_error: str | None = None
         self._pending: dict[str, Any] | None = None
         self._checkpoint: str | None = None
+        self._evaluation: dict[str, Any] | None = None
         self._last_sent = -math.inf
         self._closing = False
         self._cond = threading.Condition()
@@ -160,6 +161,14 @@ class StatusReporter:
                 self._pending = {}
             self._cond.notify()
 
+    def set_evaluation(self, summary: dict[str, Any]) -> None:
+        """`status.evaluation` (benchmarks before -> after); goes out with the next patch."""
+        with self._cond:
+            self._evaluation = dict(summary)
+            if self._pending is None:
+                self._pending = {}
+            self._cond.notify()
+
     def close(self, timeout: float | None = None) -> None:
         """Send what is pending now (whatever the throttle says) and stop the thread."""
         with self._cond:
@@ -183,17 +192,21 @@ class StatusReporter:
                     self._cond.wait(timeout=due if self._pending is not None else None)
                 update, self._pending = self._pending, None
                 checkpoint = self._checkpoint
+                evaluation = self._evaluation
                 closing = self._closing
                 self._last_sent = self.clock()
-            self._send(progress_status(update, now=_utc_now(), checkpoint_uri=checkpoint))
+            self._send(progress_status(update, now=_utc_now(), checkpoint_uri=checkpoint), evaluation)
             if closing:
                 with self._cond:
                     if self._pending is None:
                         return
 
-    def _send(self, progress: dict[str, Any]) -> None:
+    def _send(self, progress: dict[str, Any], evaluation: dict[str, Any] | None = None) -> None:
         try:
-            body = json.dumps({"status": {"progress": progress}}).encode()
+            status: dict[str, Any] = {"progress": progress}
+            if evaluation is not None:
+                status["evaluation"] = evaluation
+            body = json.dumps({"status": status}).encode()
             request = urllib.request.Request(self.url, data=body, method="PATCH")
             request.add_header("Content-Type", "application/merge-patch+json")
             request.add_header("Accept", "application/json")

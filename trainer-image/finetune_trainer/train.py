@@ -155,6 +155,14 @@ def train(
         ],
     )
 
+    # Benchmarks on the base model (LoRA adapters start at zero; a resumed checkpoint loads
+    # inside train()), so the report can show before -> after.
+    before = None
+    if main and cfg.evaluation.benchmarks and cfg.evaluation.evaluate_base_model and benchmarks_can_run(cfg):
+        from .evaluation import run_benchmarks
+
+        before = run_benchmarks(method.model, tokenizer, cfg, stage="before")
+
     # With an eval set, TrainingArguments(eval_on_start=True) gives the loss before training.
     outcome = trainer.train(resume_from_checkpoint=resume)
     stopped = early_exit_code([*extra, *callbacks])
@@ -179,6 +187,8 @@ def train(
         from .training.plots import plot_loss
 
         plot_loss(out / METRICS_FILE, out / LOSS_PLOT_FILE)
+    if trainer.is_world_process_zero() and cfg.evaluation.benchmarks and benchmarks_can_run(cfg):
+        evaluate_after(trainer.model, tokenizer, cfg, out, before, reporters)
     for plugin in extra:
         if callable(finish := getattr(plugin, "on_run_end", None)):
             finish(out)  # e.g. metrics.jsonl and final/ to object storage
@@ -190,6 +200,29 @@ def train(
         print(report(results, answer, out), flush=True)
     _end(trainer)
     return RunResult(EXIT_OK, out, results)
+
+
+def benchmarks_can_run(cfg: FineTuneConfig) -> bool:
+    """The benchmarks run on rank 0's model; under ZeRO-3 it holds only a shard."""
+    if cfg.distributed.use_deepspeed and cfg.distributed.zero_stage == 3:
+        log.warning("evaluation.benchmarks skipped under ZeRO-3 (rank 0 holds a shard of the weights); "
+                    "run them on the saved model")
+        return False
+    return True
+
+
+def evaluate_after(model, tokenizer, cfg: FineTuneConfig, out: Path, before, reporters) -> None:
+    """Benchmarks on the trained model: evaluation.json (uploaded with final/), the before ->
+    after table, and status.evaluation."""
+    from .evaluation import evaluation_status, finish_evaluation, run_benchmarks
+
+    after = run_benchmarks(model, tokenizer, cfg, stage="after")
+    report = finish_evaluation(out, after, before)
+    uri = f"{cfg.output.storage_uri.rstrip('/')}/final/evaluation.json" if cfg.output.storage_uri else None
+    summary = evaluation_status(report, results_uri=uri)
+    for reporter in reporters:
+        if callable(send := getattr(reporter, "set_evaluation", None)):
+            send(summary)
 
 
 def with_plugin_fields(reporters: Sequence[ProgressReporter], plugins: Sequence[Any]) -> list[ProgressReporter]:
