@@ -99,6 +99,7 @@ def pins(path: Path) -> dict[str, str]:
         line = line.split("#", 1)[0].strip()
         if "==" in line:
             name, version = line.split("==", 1)
+            name = name.split("[", 1)[0]  # extras: lm-eval[hf] pins lm-eval
             out[re.sub(r"[-_.]+", "-", name).lower()] = version.strip()
     return out
 
