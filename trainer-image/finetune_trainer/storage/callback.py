@@ -14,6 +14,7 @@ Wiring (the trainer):
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from pathlib import Path
 
@@ -25,6 +26,12 @@ from .uploader import BackgroundUploader, node_topology
 __all__ = ["CheckpointSyncCallback", "PreemptionFlag", "install_preemption_handler"]
 
 log = logging.getLogger(__name__)
+
+# The end of a run waits this long for storage to come back before giving up on an upload
+# (a pod's disk is gone after it exits). Well under the process group's 30 min timeout, which
+# the other ranks, waiting in the next collective, are bound by.
+DRAIN_SECONDS = 600.0
+DRAIN_PAUSE_SECONDS = 5.0
 
 
 def _distributed():
@@ -59,10 +66,11 @@ class CheckpointSyncCallback(TrainerCallback):
     elsewhere. `preemption`: the flag from `install_preemption_handler`."""
 
     def __init__(self, uploader: BackgroundUploader | None, *, preemption: PreemptionFlag | None = None,
-                 wait_timeout: float | None = None):
+                 wait_timeout: float | None = None, drain_seconds: float = DRAIN_SECONDS):
         self.uploader = uploader
         self.preemption = preemption
         self.wait_timeout = wait_timeout
+        self.drain_seconds = drain_seconds
 
     def on_train_begin(self, args, state, control, **kwargs):
         if node_topology()[1] > 1:  # same answer on every rank, so all join the broadcast or none
@@ -84,5 +92,16 @@ class CheckpointSyncCallback(TrainerCallback):
             self.uploader.submit(folder, state.global_step, state.epoch)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.uploader is not None and not self.uploader.wait(self.wait_timeout):
-            log.error("checkpoint upload incomplete at the end of training: %s", self.uploader.status.last_error)
+        """The last checkpoint is in storage before the run ends: an outage is waited out,
+        one upload attempt (with its retries) after another, for up to `drain_seconds`."""
+        if self.uploader is None:
+            return
+        deadline = time.monotonic() + self.drain_seconds
+        while not self.uploader.wait(self.wait_timeout):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error("checkpoint upload incomplete at the end of training: %s", self.uploader.status.last_error)
+                return
+            log.warning("checkpoint upload still failing at the end of training (%s); retrying for up to %.0fs",
+                        self.uploader.status.last_error, left)
+            time.sleep(min(DRAIN_PAUSE_SECONDS, left))

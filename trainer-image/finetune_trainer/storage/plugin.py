@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from ..config import FineTuneConfig
-from .callback import CheckpointSyncCallback, _distributed
+from .callback import DRAIN_PAUSE_SECONDS, DRAIN_SECONDS, CheckpointSyncCallback, _distributed
 from .checkpoints import (
     _read_manifest,
     download_checkpoint,
@@ -24,7 +25,7 @@ from .checkpoints import (
     upload_file_artifact,
 )
 from .preemption import PreemptionFlag, install_preemption_handler
-from .stores import ObjectStore, StorageError, open_store
+from .stores import ObjectNotFound, ObjectStore, StorageError, StorageUnavailable, open_store
 from .uploader import BackgroundUploader, node_topology
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class StoragePlugin(CheckpointSyncCallback):
         self.store = store
         self.output_dir = output_dir
         self.stopped_by_signal = False
+        if uploader is not None and _rank("RANK") == 0:
+            uploader.on_uploaded = self._publish_metrics  # in the upload thread: never stalls training
 
     # -------------------------------------------------------------- train.py's hooks
 
@@ -74,6 +77,8 @@ class StoragePlugin(CheckpointSyncCallback):
             chosen = box[0]
         if chosen is None:
             return None
+        if _rank("RANK") == 0:
+            self._restore_metrics()
         target = self.output_dir / f"checkpoint-{chosen}"
         if _rank("LOCAL_RANK") == 0 and _rank("RANK") != 0:
             manifest = _read_manifest(self.store, chosen)
@@ -85,6 +90,21 @@ class StoragePlugin(CheckpointSyncCallback):
         if dist is not None:
             dist.barrier()
         return str(target)
+
+    def _restore_metrics(self) -> None:
+        """A new pod's disk is empty: fetch the run's metrics.jsonl so far from storage (the
+        trainer then keeps its lines up to the resumed step), or the published history would
+        start at the resumed step. A local one (same pod restarted) is newer; it is kept."""
+        local = self.output_dir / METRICS_KEY
+        if local.exists():
+            return
+        try:
+            self.store.get_file(METRICS_KEY, local)
+        except ObjectNotFound:
+            pass
+        except StorageError as exc:
+            log.warning("metrics.jsonl of the earlier attempts not fetched from %s (%s); "
+                        "the published history starts at the resumed step", self.store.uri, exc)
 
     def progress_fields(self) -> dict[str, Any]:
         """What the progress report shows about storage: the newest complete checkpoint, and
@@ -109,15 +129,39 @@ class StoragePlugin(CheckpointSyncCallback):
         for item in output_dir.iterdir():
             if item.is_file() and item.name not in NOT_FINAL:
                 os.link(item, final / item.name)  # a hard link: no copy of the weights
+        # The pod's disk goes away with it: an outage at the end is waited out (bounded).
+        deadline = time.monotonic() + DRAIN_SECONDS
         try:
-            if (output_dir / METRICS_KEY).is_file():
-                upload_file_artifact(self.store, output_dir / METRICS_KEY, METRICS_KEY)
-            upload_file_artifact(self.store, final, FINAL_KEY)
-            log.info("results uploaded to %s", self.store.uri_for(FINAL_KEY))
+            while True:
+                try:
+                    if (output_dir / METRICS_KEY).is_file():
+                        upload_file_artifact(self.store, output_dir / METRICS_KEY, METRICS_KEY)
+                    upload_file_artifact(self.store, final, FINAL_KEY)
+                    log.info("results uploaded to %s", self.store.uri_for(FINAL_KEY))
+                    return
+                except StorageUnavailable as exc:
+                    if time.monotonic() >= deadline:
+                        raise
+                    log.warning("final results not uploaded yet (%s); retrying for up to %.0fs",
+                                exc, deadline - time.monotonic())
+                    time.sleep(DRAIN_PAUSE_SECONDS)
         except StorageError as exc:  # the trained model is still on local disk; say so loudly
             log.error("could not upload the final results to %s: %s (they remain in %s)", self.store.uri, exc, output_dir)
         finally:
             shutil.rmtree(final, ignore_errors=True)
+
+    def _publish_metrics(self, manifest) -> None:
+        """After each complete checkpoint (upload thread, global rank 0): storage's copy of
+        metrics.jsonl, the live record a restarted pod continues. Whole lines only: the
+        training thread may be appending one right now."""
+        path = self.output_dir / METRICS_KEY
+        if self.store is None or not path.is_file():
+            return
+        data = path.read_bytes()
+        try:
+            self.store.put_bytes(data[: data.rfind(b"\n") + 1], METRICS_KEY)
+        except StorageError as exc:
+            log.warning("metrics.jsonl not uploaded (%s); retried after the next checkpoint", exc)
 
     # ------------------------------------------------------------------- callback
 
@@ -125,15 +169,6 @@ class StoragePlugin(CheckpointSyncCallback):
         super().on_step_end(args, state, control, **kwargs)
         if control.should_training_stop and self.preemption.is_set():
             self.stopped_by_signal = True
-
-    def on_save(self, args, state, control, **kwargs):
-        """Queue the checkpoint, and refresh storage's copy of metrics.jsonl (the live record)."""
-        super().on_save(args, state, control, **kwargs)
-        if self.store is not None and state.is_world_process_zero and (self.output_dir / METRICS_KEY).is_file():
-            try:
-                upload_file_artifact(self.store, self.output_dir / METRICS_KEY, METRICS_KEY)
-            except StorageError as exc:
-                log.warning("metrics.jsonl not uploaded (%s); retried at the next save", exc)
 
 
 def storage_plugin(cfg: FineTuneConfig, output_dir: Path) -> StoragePlugin:

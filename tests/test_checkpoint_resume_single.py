@@ -1,0 +1,473 @@
+"""Issue 4 end to end through `finetune train` itself: a real trainer process (the tiny Llama,
+LoRA) against a real moto_server over HTTP, killed the ways pods die, and restarted the way a
+new pod starts: the same config and an EMPTY output directory, so everything it resumes from
+comes out of object storage.
+
+What is in storage is read with plain boto3 (not the code under test). A resumed run must train
+the steps after its checkpoint exactly as the killed run did (same losses): that is what proves
+model, optimizer, scheduler, RNG and data position were all restored.
+
+The torchrun variants (DDP, DeepSpeed ZeRO-3) are in test_checkpoint_resume_torchrun.py and
+reuse the helpers here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from s3_server import AWS_ENV, TcpGate, make_bucket
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+PAIRS = [("Say the first word.", "apple"), ("Say the second word.", "banana"),
+         ("Say the third word.", "cherry"), ("Say the fourth word.", "date")]
+# An adapter on lm_head as well: the tiny random Llama's loss moves within a few steps.
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "lm_head"]}
+CHECKPOINT_FILES = {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
+
+
+# ------------------------------------------------------------------ the run's config and process
+
+
+def write_config(tmp_path: Path, model_dir: Path, storage_uri: str, *, max_steps: int, save_steps: int,
+                 save_total_limit: int | None = 2, micro_batch_size: int = 4, **sections) -> Path:
+    """One config for every attempt of the job (the operator renders it once)."""
+    data = tmp_path / "train.jsonl"
+    rows = [{"instruction": q, "output": a} for q, a in PAIRS] * 8
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {
+        "model": {"base_model": str(model_dir), "trust_remote_code": False},
+        "fine_tuning": {"method": "lora", "lora": LORA},
+        "training": {"max_steps": max_steps, "micro_batch_size": micro_batch_size, "learning_rate": 1e-2,
+                     "lr_scheduler_type": "cosine", "warmup_ratio": 0.0, "mixed_precision": "no",
+                     "max_seq_length": 64},
+        "dataset": {"format": "alpaca", "train_path": str(data)},
+        "output": {"output_dir": str(tmp_path / "out"), "storage_uri": storage_uri, "logging_steps": 1,
+                   "save_steps": save_steps, "save_total_limit": save_total_limit},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def output_dir(config: Path) -> Path:
+    return Path(yaml.safe_load(config.read_text())["output"]["output_dir"])
+
+
+def trainer_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def start_train(config: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`finetune train` as a pod runs it, in its own process group (a pod dies as a whole)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "finetune_trainer.cli", "train", "--config", str(config)],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env or trainer_env(), start_new_session=True,
+    )
+
+
+def kill_pod(proc: subprocess.Popen) -> None:
+    """SIGKILL to every process of the run: OOM kill, node loss, grace period over."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def new_pod_disk(config: Path) -> Path:
+    """A restarted pod starts with an empty disk: move the dead pod's output directory away
+    (kept for comparison) so the restart finds nothing locally."""
+    out = output_dir(config)
+    dead = out.with_name(out.name + "-killed")
+    shutil.rmtree(dead, ignore_errors=True)
+    out.rename(dead)
+    return dead
+
+
+def run_to_end(config: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 240) -> dict:
+    proc = start_train(config, log, env)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_pod(proc)
+        raise AssertionError(f"trainer still running after {timeout}s:\n{tail(log)}") from None
+    assert code == 0, tail(log)
+    return json.loads((output_dir(config) / "train_results.json").read_text())
+
+
+def tail(log: Path, chars: int = 5000) -> str:
+    return log.read_text(errors="replace")[-chars:]
+
+
+def wait_until(predicate, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited {proc.returncode} before {what}:\n{tail(log)}")
+        time.sleep(0.05)
+    kill_pod(proc)
+    raise AssertionError(f"timed out waiting for {what}:\n{tail(log)}")
+
+
+def loss_rows(out: Path) -> list[tuple[int, float]]:
+    """(step, training loss) per line of the run's metrics.jsonl, in file order."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return dict(loss_rows(out))
+
+
+def local_steps(out: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ storage, read with plain boto3
+
+
+class Bucket:
+    """The run's prefix in S3 as plain boto3 sees it."""
+
+    def __init__(self, endpoint: str, bucket: str, prefix: str):
+        self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                               aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.bucket, self.prefix = bucket, prefix
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def objects(self) -> dict[str, int]:
+        """relative key -> size."""
+        found = {}
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + "/"):
+            found |= {o["Key"][len(self.prefix) + 1:]: o["Size"] for o in page.get("Contents", [])}
+        return found
+
+    def steps(self, objects: dict[str, int] | None = None) -> dict[int, set[str]]:
+        """checkpoint step -> the files stored under it (complete or not)."""
+        found: dict[int, set[str]] = {}
+        for key in objects if objects is not None else self.objects():
+            if m := re.match(r"^checkpoints/checkpoint-(\d+)/(.+)$", key):
+                found.setdefault(int(m.group(1)), set()).add(m.group(2))
+        return found
+
+    def complete(self) -> list[int]:
+        return sorted(step for step, files in self.steps().items() if "manifest.json" in files)
+
+    def read(self, key: str) -> bytes:
+        return self.s3.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}")["Body"].read()
+
+    def manifest(self, step: int) -> dict:
+        return json.loads(self.read(f"checkpoints/checkpoint-{step}/manifest.json"))
+
+    def assert_complete(self, step: int, local: Path | None = None) -> dict:
+        """The manifest lists every stored file of the checkpoint with the right size and
+        sha256 (downloaded here); with `local`, exactly the files the trainer wrote there."""
+        manifest = self.manifest(step)
+        assert manifest["step"] == step
+        stored = {k: v for k, v in self.objects().items() if k.startswith(f"checkpoints/checkpoint-{step}/")}
+        listed = {f["path"] for f in manifest["files"]}
+        assert {k.split("/", 2)[2] for k in stored} - {"manifest.json"} == listed, "stored files != manifest"
+        for entry in manifest["files"]:
+            body = self.read(f"checkpoints/checkpoint-{step}/{entry['path']}")
+            assert len(body) == entry["size"] and hashlib.sha256(body).hexdigest() == entry["sha256"], entry["path"]
+        if local is not None:
+            written = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()} - {"manifest.json"}
+            assert written == listed, f"local files {sorted(written)} != manifest {sorted(listed)}"
+            for entry in manifest["files"]:
+                assert sha256_file(local / entry["path"]) == entry["sha256"], entry["path"]
+        return manifest
+
+
+# ------------------------------------------------------------------ a proxy that holds one request
+
+
+class HoldingGate(TcpGate):
+    """A TCP forwarder in front of moto that never forwards the HTTP request whose request
+    line matches `hold` (it hangs, as an upload does when the pod is killed mid-transfer) and
+    sets `held`. Everything else passes. `release()` stops holding (for the restart)."""
+
+    def __init__(self, target_port: int, hold: str):
+        super().__init__(target_port)
+        self.hold: re.Pattern[bytes] | None = re.compile(hold.encode())
+        self.held = threading.Event()
+        self.held_request: bytes | None = None
+        self._closing = threading.Event()
+
+    def release(self) -> None:
+        self.hold = None
+
+    def down(self) -> None:
+        self._closing.set()
+        super().down()
+
+    def _pump(self, src, dst) -> None:
+        if src.getsockname()[1] != self.port or self.hold is None:  # moto -> client, or not holding
+            return super()._pump(src, dst)
+        tail = b""
+        try:
+            while data := src.recv(1 << 16):
+                window = tail + data
+                if (pattern := self.hold) is not None and (m := pattern.search(window)):
+                    self.held_request = m.group(0)
+                    self.held.set()
+                    self._closing.wait()  # never forwarded
+                    break
+                dst.sendall(data)
+                tail = window[-1024:]
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def holding_gate(moto_server, s3_endpoint):
+    """(gate factory, bucket): `make(pattern)` starts a HoldingGate in front of the session moto."""
+    gates = []
+
+    def make(pattern: str) -> HoldingGate:
+        gate = HoldingGate(moto_server.port, pattern)
+        gate.up()
+        gates.append(gate)
+        return gate
+
+    yield make
+    for gate in gates:
+        gate.down()
+
+
+def through(gate: TcpGate) -> dict[str, str]:
+    """The trainer's environment pointed at `gate` instead of moto."""
+    return trainer_env(**AWS_ENV, AWS_ENDPOINT_URL=gate.endpoint)
+
+
+# ------------------------------------------------------------------ shared assertions
+
+
+def assert_resumed_exactly(killed: Path, restarted: Path, resumed_step: int, max_steps: int) -> None:
+    """The restart trained each step after `resumed_step` once, to the end, and the steps the
+    killed run had already trained past that checkpoint came out the same (state restored)."""
+    before, restarted_rows = losses(killed), loss_rows(restarted)
+    # metrics.jsonl: the history up to the checkpoint (fetched from storage: the disk was
+    # empty), then every step after it once
+    assert [step for step, _ in restarted_rows] == list(range(1, max_steps + 1)), restarted_rows
+    assert all(before[step] == loss for step, loss in restarted_rows if step <= resumed_step)
+    after = {step: loss for step, loss in restarted_rows if step > resumed_step}
+    overlap = sorted(set(before) & set(after))
+    assert overlap, f"killed run logged {sorted(before)}; nothing after checkpoint-{resumed_step} to compare"
+    for step in overlap:
+        assert after[step] == pytest.approx(before[step], rel=1e-4, abs=1e-5), (step, before[step], after[step])
+    # the Trainer's own record continues the restored one: every step once, in order
+    state = json.loads((restarted / f"checkpoint-{max_steps}" / "trainer_state.json").read_text())
+    assert state["global_step"] == max_steps
+    logged = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert logged == list(range(1, max_steps + 1)), logged
+
+
+def assert_final_artifacts(bucket: Bucket, out: Path, max_steps: int) -> None:
+    """final/ (adapter, tokenizer, config, results) with its manifest, and the whole run's
+    metrics.jsonl: every step once, the steps before the restart included."""
+    final = json.loads(bucket.read("final/manifest.json"))
+    names = {f["path"] for f in final["files"]}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml",
+            "train_results.json"} <= names, names
+    for entry in final["files"]:
+        assert hashlib.sha256(bucket.read(f"final/{entry['path']}")).hexdigest() == entry["sha256"]
+        assert sha256_file(out / entry["path"]) == entry["sha256"], entry["path"]
+    rows = [json.loads(line) for line in bucket.read("metrics.jsonl").decode().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows if r.get("loss") is not None]
+    assert steps == list(range(1, max_steps + 1)), steps
+
+
+# ------------------------------------------------------------------ (a) a run in storage
+
+
+def test_a_checkpoints_with_manifests_retention_and_final_artifacts(tmp_path, tiny_model_dir, s3_bucket, s3_endpoint):
+    bucket = Bucket(s3_endpoint, s3_bucket, "team-a/job-a")
+    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=12, save_steps=2, save_total_limit=2)
+    run_to_end(config, tmp_path / "run.log")
+    out = output_dir(config)
+
+    # save_total_limit 2 in storage as on disk: the two newest, complete, nothing left of the others
+    assert bucket.complete() == [10, 12] == local_steps(out)
+    assert sorted(bucket.steps()) == [10, 12]
+    for step in (10, 12):
+        manifest = bucket.assert_complete(step, out / f"checkpoint-{step}")
+        assert CHECKPOINT_FILES <= {f["path"] for f in manifest["files"]}
+        assert manifest["epoch"] == pytest.approx(step * 4 / 32) and manifest["timestamp"]
+    assert_final_artifacts(bucket, out, 12)
+    assert bucket.read("metrics.jsonl") == (out / "metrics.jsonl").read_bytes()
+
+
+# ------------------------------------------------------------------ (b) SIGKILL, new pod
+
+
+def test_b_sigkill_after_the_second_checkpoint_new_pod_resumes_from_storage(
+        tmp_path, tiny_model_dir, s3_bucket, s3_endpoint):
+    bucket = Bucket(s3_endpoint, s3_bucket, "team-a/job-b")
+    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=24, save_steps=4)
+    out = output_dir(config)
+    proc = start_train(config, tmp_path / "1.log")
+    # the second checkpoint is complete in storage and the run has trained past it
+    wait_until(lambda: len(bucket.complete()) >= 2 and max(losses(out), default=0) > bucket.complete()[-1],
+               proc, tmp_path / "1.log", "a second complete checkpoint")
+    kill_pod(proc)
+    newest = bucket.complete()[-1]
+    assert newest >= 8
+    bucket.assert_complete(newest)
+
+    killed = new_pod_disk(config)
+    results = run_to_end(config, tmp_path / "2.log")
+    assert results["resumed_from"] == str(out / f"checkpoint-{newest}")
+    assert f"resuming from {out}/checkpoint-{newest} (downloaded from {bucket.uri}" in tail(tmp_path / "2.log", 10**6)
+    assert results["global_step"] == 24
+    assert_resumed_exactly(killed, out, newest, 24)
+    assert bucket.complete() == [20, 24]
+    assert_final_artifacts(bucket, out, 24)
+
+
+# ------------------------------------------------------------------ (c) SIGKILL mid-upload
+
+
+@pytest.mark.parametrize("held_file", ["optimizer.pt", "manifest.json"])
+def test_c_kill_during_an_upload_leaves_no_manifest_restart_uses_the_previous(
+        tmp_path, tiny_model_dir, s3_bucket, s3_endpoint, holding_gate, held_file):
+    """The upload of checkpoint-8 hangs on one request (a data file, or the manifest after
+    every data file is stored) when the pod is killed."""
+    bucket = Bucket(s3_endpoint, s3_bucket, f"team-a/job-c-{held_file.split('.')[0]}")
+    gate = holding_gate(rf"PUT /{s3_bucket}/{bucket.prefix}/checkpoints/checkpoint-8/{re.escape(held_file)}[ ?]")
+    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=16, save_steps=4)
+    out = output_dir(config)
+    proc = start_train(config, tmp_path / "1.log", through(gate))
+    wait_until(gate.held.is_set, proc, tmp_path / "1.log", f"the upload of checkpoint-8/{held_file}")
+    kill_pod(proc)
+
+    stored = bucket.steps()
+    assert bucket.complete() == [4]
+    assert 8 in stored and "manifest.json" not in stored[8]  # half-written: files, no manifest
+    if held_file == "manifest.json":  # every data file made it; only the manifest is missing
+        assert stored[8] == {p.relative_to(out / "checkpoint-8").as_posix()
+                             for p in (out / "checkpoint-8").rglob("*") if p.is_file()} - {"manifest.json"}
+
+    killed = new_pod_disk(config)
+    gate.release()
+    results = run_to_end(config, tmp_path / "2.log", through(gate))
+    assert results["resumed_from"] == str(out / "checkpoint-4")
+    assert_resumed_exactly(killed, out, 4, 16)
+    assert bucket.complete() == [12, 16] and sorted(bucket.steps()) == [12, 16]  # the leftover is gone
+    bucket.assert_complete(16, out / "checkpoint-16")
+    assert_final_artifacts(bucket, out, 16)
+
+
+# ------------------------------------------------------------------ (c2) SIGTERM: preemption
+
+
+def test_c2_sigterm_saves_the_current_step_exits_143_restart_resumes_there(
+        tmp_path, tiny_model_dir, s3_bucket, s3_endpoint):
+    bucket = Bucket(s3_endpoint, s3_bucket, "team-a/job-c2")
+    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=30, save_steps=10)
+    out = output_dir(config)
+    log = tmp_path / "1.log"
+    proc = start_train(config, log)
+    # between checkpoints: checkpoint-10 is stored, the run is a few steps past it
+    wait_until(lambda: bucket.complete() == [10] and max(losses(out), default=0) >= 12, proc, log, "step 12")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, tail(log)
+    stopped = max(losses(out))
+    assert 12 <= stopped < 20, stopped  # the next step boundary, not the next save_steps
+    assert bucket.complete() == [10, stopped]
+    manifest = bucket.assert_complete(stopped, out / f"checkpoint-{stopped}")
+    state = json.loads(bucket.read(f"checkpoints/checkpoint-{stopped}/trainer_state.json"))
+    assert state["global_step"] == stopped and manifest["step"] == stopped
+    text = tail(log, 10**6)
+    assert "SIGTERM received" in text and f"training stopped at step {stopped}; exiting 143" in text
+    assert "Training done" not in text  # preempted: no final evaluation and save
+
+    new_pod_disk(config)
+    results = run_to_end(config, tmp_path / "2.log")
+    assert results["resumed_from"] == str(out / f"checkpoint-{stopped}")
+    assert [step for step, _ in loss_rows(out)] == list(range(1, 31))  # no step lost, none trained twice
+    assert_final_artifacts(bucket, out, 30)
+
+
+# ------------------------------------------------------------------ (d) a 20 s outage
+
+
+def test_d_storage_outage_of_20s_mid_training_loses_nothing(tmp_path, tiny_model_dir, s3_outage):
+    bucket = Bucket(s3_outage.server.endpoint, s3_outage.bucket, "team-a/job-d")  # read around the gate
+    max_steps = 200
+    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=max_steps, save_steps=8,
+                          save_total_limit=None)
+    out = output_dir(config)
+    log = tmp_path / "run.log"
+    proc = start_train(config, log)
+    wait_until(bucket.complete, proc, log, "the first checkpoint")
+    s3_outage.down()
+    time.sleep(20)
+    saved_during = local_steps(out)
+    s3_outage.up()
+    assert proc.wait(timeout=240) == 0, tail(log)
+    text = tail(log, 10**7)
+
+    # the outage was seen, reported, and survived
+    assert len(saved_during) >= 2, "no checkpoint was saved during the outage: it tested nothing"
+    assert re.search(r"checkpoint upload degraded: checkpoint-\d+ not uploaded", text), text[-5000:]
+    assert re.search(r"checkpoint uploads recovered with checkpoint-\d+", text), text[-5000:]
+    # every checkpoint saved after the outage is complete (and the final one always)
+    after = [s for s in local_steps(out) if s > max(saved_during)]
+    assert max_steps in bucket.complete()
+    for step in after + [max_steps]:
+        bucket.assert_complete(step, out / f"checkpoint-{step}")
+    assert_final_artifacts(bucket, out, max_steps)
+    # training went on during the outage: no step waited for the store's retry budget
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    gaps = [b["elapsed_seconds"] - a["elapsed_seconds"] for a, b in zip(rows, rows[1:])]
+    assert max(gaps) < 8, f"a step waited {max(gaps):.1f}s: uploads stalled training"
+
+
+def test_d2_an_outage_over_the_end_of_training_is_waited_out(tmp_path, tiny_model_dir, s3_outage):
+    """The pod's disk is gone once it exits: the last checkpoint and final/ are uploaded
+    before the run ends, even when storage is down as training finishes."""
+    bucket = Bucket(s3_outage.server.endpoint, s3_outage.bucket, "team-a/job-d2")
+    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=24, save_steps=8, save_total_limit=None)
+    out = output_dir(config)
+    log = tmp_path / "run.log"
+    proc = start_train(config, log)
+    wait_until(bucket.complete, proc, log, "the first checkpoint")
+    s3_outage.down()
+    wait_until(lambda: "still failing at the end of training" in tail(log, 10**7), proc, log,
+               "the end of training, waiting for storage")
+    assert max(losses(out)) == 24 and proc.poll() is None  # trained, and not gone without its checkpoint
+    assert 24 not in bucket.complete()
+    s3_outage.up()
+    assert proc.wait(timeout=240) == 0, tail(log)
+    bucket.assert_complete(24, out / "checkpoint-24")
+    assert_final_artifacts(bucket, out, 24)
