@@ -272,6 +272,13 @@ def through(gate: TcpGate) -> dict[str, str]:
 # ------------------------------------------------------------------ shared assertions
 
 
+def trained_past_second_checkpoint(bucket: Bucket, out: Path) -> bool:
+    """Kill here: two complete checkpoints in storage, and the run two steps past the newest
+    (so the restart re-trains at least one step that needs the restored optimizer state)."""
+    complete = bucket.complete()
+    return len(complete) >= 2 and max(losses(out), default=0) >= complete[-1] + 2
+
+
 def assert_resumed_exactly(killed: Path, restarted: Path, resumed_step: int, max_steps: int) -> None:
     """The restart trained each step after `resumed_step` once, to the end, and the steps the
     killed run had already trained past that checkpoint came out the same (state restored)."""
@@ -292,13 +299,13 @@ def assert_resumed_exactly(killed: Path, restarted: Path, resumed_step: int, max
     assert logged == list(range(1, max_steps + 1)), logged
 
 
-def assert_final_artifacts(bucket: Bucket, out: Path, max_steps: int) -> None:
-    """final/ (adapter, tokenizer, config, results) with its manifest, and the whole run's
-    metrics.jsonl: every step once, the steps before the restart included."""
+def assert_final_artifacts(bucket: Bucket, out: Path, max_steps: int,
+                           weights: tuple[str, ...] = ("adapter_model.safetensors", "adapter_config.json")) -> None:
+    """final/ (weights or adapter, tokenizer, config, results) with its manifest, and the whole
+    run's metrics.jsonl: every step once, the steps before the restart included."""
     final = json.loads(bucket.read("final/manifest.json"))
     names = {f["path"] for f in final["files"]}
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml",
-            "train_results.json"} <= names, names
+    assert {*weights, "tokenizer.json", "config.yaml", "train_results.json"} <= names, names
     for entry in final["files"]:
         assert hashlib.sha256(bucket.read(f"final/{entry['path']}")).hexdigest() == entry["sha256"]
         assert sha256_file(out / entry["path"]) == entry["sha256"], entry["path"]
@@ -337,8 +344,8 @@ def test_b_sigkill_after_the_second_checkpoint_new_pod_resumes_from_storage(
     out = output_dir(config)
     proc = start_train(config, tmp_path / "1.log")
     # the second checkpoint is complete in storage and the run has trained past it
-    wait_until(lambda: len(bucket.complete()) >= 2 and max(losses(out), default=0) > bucket.complete()[-1],
-               proc, tmp_path / "1.log", "a second complete checkpoint")
+    wait_until(lambda: trained_past_second_checkpoint(bucket, out), proc, tmp_path / "1.log",
+               "a second complete checkpoint")
     kill_pod(proc)
     newest = bucket.complete()[-1]
     assert newest >= 8
