@@ -73,18 +73,46 @@ def trainer_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
+STARTED: list[subprocess.Popen] = []  # every pod a test starts; none outlives its test
+
+
+def start_pod(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    STARTED.append(proc)
+    return proc
+
+
 def start_train(config: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`finetune train` as a pod runs it, in its own process group (a pod dies as a whole)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "finetune_trainer.cli", "train", "--config", str(config)],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env or trainer_env(), start_new_session=True,
-    )
+    """`finetune train` as a pod runs it."""
+    return start_pod([sys.executable, "-m", "finetune_trainer.cli", "train", "--config", str(config)], log,
+                     env or trainer_env())
 
 
 def kill_pod(proc: subprocess.Popen) -> None:
-    """SIGKILL to every process of the run: OOM kill, node loss, grace period over."""
-    os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL to every process of the pod at once (torchrun starts each rank in its own
+    session, so a process-group kill would miss them): OOM kill, node loss, grace period over."""
+    import psutil
+
+    try:
+        everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        everyone = []
+    for p in everyone:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(everyone, timeout=60)
     proc.wait(timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def no_pod_outlives_its_test():
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            kill_pod(proc)
 
 
 def new_pod_disk(config: Path) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +21,11 @@ from test_checkpoint_resume_single import (
     Bucket,
     assert_final_artifacts,
     assert_resumed_exactly,
+    kill_pod,
     new_pod_disk,
+    no_pod_outlives_its_test,  # noqa: F401  (autouse fixture)
     output_dir,
+    start_pod,
     tail,
     trained_past_second_checkpoint,
     trainer_env,
@@ -50,24 +52,7 @@ def torchrun_env() -> dict[str, str]:
 def start_torchrun(config: Path, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "finetune_trainer.cli", "train", "--config", str(config)]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=torchrun_env(),
-                            start_new_session=True)
-
-
-def kill_pod_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL to torchrun and both ranks at once (torchrun starts each rank in its own session,
-    so a process-group kill would miss them): the pod is gone."""
-    import psutil
-
-    everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    assert len(everyone) >= 3, everyone
-    for p in everyone:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(everyone, timeout=60)
-    proc.wait(timeout=60)
+    return start_pod(cmd, log, torchrun_env())
 
 
 @pytest.mark.parametrize("variant", ["ddp", "zero3"])
@@ -84,7 +69,10 @@ def test_e_two_ranks_sigkill_new_pod_resumes_every_rank_from_storage(
     proc = start_torchrun(config, log)
     wait_until(lambda: trained_past_second_checkpoint(bucket, out), proc, log, "a second complete checkpoint",
                timeout=600)
-    kill_pod_tree(proc)
+    import psutil
+
+    assert len(psutil.Process(proc.pid).children(recursive=True)) >= 2  # both ranks die with torchrun
+    kill_pod(proc)
     newest = bucket.complete()[-1]
     assert newest >= 2 * SAVE_STEPS
 
