@@ -87,7 +87,7 @@ class TransferSettings:
     multipart_threshold: int = 16 * MiB
     multipart_chunksize: int = 16 * MiB
     max_concurrency: int = 8
-    file_concurrency: int = 4  # files of one checkpoint in flight at once (used by checkpoints.py)
+    file_concurrency: int = 4  # small (single-part) files in flight beside the big one (checkpoints.py)
 
 
 class ObjectStore(ABC):
