@@ -7,7 +7,9 @@ create as it arrives; the operator (`finetune operator`'s code: kopf, our handle
 official client) runs in a child process, so its peak RSS (VmHWM) is its own. Reported:
 time from the first FineTuneJob to the last PyTorchJob, p50/p99 of each job's
 FineTuneJob-create -> PyTorchJob-create latency, time until every job is Accepted=True in
-status, the operator's peak RSS, and the targets (all within 60 s, p99 < 1 s, RSS < 150 MB).
+status, the operator's peak RSS, and the targets (all within 60 s, p99 < 1 s, RSS < 150 MB);
+then the CPU the operator and the emulator spent until the last PyTorchJob, and the
+operator's API requests per job by verb and resource (what a real API server would serve).
 
 The emulator shares this machine's cores with the operator and with the appliers, and answers
 from Python; a real API server does neither, so these are pessimistic figures for the
@@ -17,6 +19,7 @@ operator, not a model of a cluster.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import os
 import signal
@@ -110,6 +113,7 @@ def main() -> int:
             rss_idle = peak_rss_mb(child.pid)
 
             names = [f"job-{i:04d}" for i in range(args.jobs)]
+            cpu_before = {"operator": cpu_seconds(child.pid), "emulator": cpu_seconds(os.getpid())}
             start = time.monotonic()
 
             def apply(index_name: tuple[int, str]) -> None:
@@ -127,6 +131,8 @@ def main() -> int:
 
             wait_for(pytorchjobs_done, timeout=600, what=f"{args.jobs} PyTorchJobs")
             all_children = max(arrivals[("pytorchjobs", n)] for n in names) - start
+            burst_cpu = {"operator": cpu_seconds(child.pid) - cpu_before["operator"],
+                         "emulator": cpu_seconds(os.getpid()) - cpu_before["emulator"]}
 
             def all_accepted() -> bool:
                 jobs = emulator.objects("finetunejobs")
@@ -145,6 +151,11 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
         writes = emulator.emulator.writes
+        served = collections.Counter(
+            f"{r.action.name.lower() if r.action else r.method}{' watch' if r.params.get('watch') else ''} "
+            f"{r.resource.plural if r.resource else 'other'}{'/' + r.subresource if r.subresource else ''}"
+            for r in emulator.requests() if r.resource is None or r.resource.plural != "finetunejobs" or r.action != enums.action.CREATE
+        )
 
     latencies = [arrivals[("pytorchjobs", n)] - arrivals[("finetunejobs", n)] for n in names]
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
@@ -161,7 +172,11 @@ def main() -> int:
           f"{'PASS' if rss_peak < TARGET_RSS_MB else 'FAIL'}")
     print(f"operator CPU time:                  {operator_cpu:.2f} s (this machine: {os.cpu_count()} cores, "
           f"shared with the emulator and the clients)")
+    print(f"CPU until the last PyTorchJob:      operator {burst_cpu['operator']:.2f} s "
+          f"({burst_cpu['operator'] / args.jobs * 1000:.1f} ms/job), emulator and clients {burst_cpu['emulator']:.2f} s, "
+          f"in {all_children:.2f} s on {len(os.sched_getaffinity(0))} cores")
     print(f"API writes served by the emulator:  {writes}")
+    print("operator requests per job:          " + ", ".join(f"{k} {v / args.jobs:.2f}" for k, v in served.most_common() if v >= args.jobs / 10))
     return 0
 
 

@@ -181,3 +181,20 @@ def test_connection_info_from_a_client_configuration():
     info = handlers.connection_info(config)
     assert (info.server, info.scheme, info.token, info.ca_path, info.insecure) == (
         "https://api.example:6443", "Bearer", "abc", "/ca.crt", False)
+
+
+def _pytorchjob(suspend: bool = False, **status) -> dict:
+    return {"metadata": {"name": "j"}, "spec": {"runPolicy": {"suspend": suspend}}, "status": status}
+
+
+@pytest.mark.parametrize(
+    "pytorchjob, fresh",
+    [
+        (_pytorchjob(), True),  # just created: the reconcile that created it saw exactly this
+        (_pytorchjob(suspend=True), False),  # queued: the owner must say Suspended
+        (_pytorchjob(conditions=[{"type": "Created", "status": "True"}]), False),
+        (_pytorchjob(replicaStatuses={"Master": {"active": 1}}), False),
+    ],
+)
+def test_fresh_child_events_need_no_status_write(pytorchjob, fresh):
+    assert handlers.fresh_child(pytorchjob) is fresh

@@ -219,6 +219,14 @@ def sync_owner_status(kube: Kube, pytorchjob: Mapping[str, Any], logger: logging
     logger.warning(f"status of {namespace}/{owner_name} kept changing under us; the next event retries")
 
 
+def fresh_child(pytorchjob: Mapping[str, Any]) -> bool:
+    """A PyTorchJob just created and not suspended, that nobody has reported on yet: its
+    ADDED event carries nothing its creator did not see (relists arrive with no type, and a
+    queued, suspended one still goes through: its owner must say Suspended)."""
+    summary = st.summarize_pytorchjob(pytorchjob)
+    return st.blank_summary(summary) and not summary["suspend"]
+
+
 def as_job(body: Mapping[str, Any]) -> dict[str, Any]:
     """A plain, private copy of the FineTuneJob (render must not see kopf's views)."""
     return {key: copy.deepcopy(value) for key, value in body.items()}
@@ -262,6 +270,8 @@ def pytorchjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger:
     """Mirror the PyTorchJob's state onto its FineTuneJob (a relist every watch restart resyncs)."""
     if type == "DELETED":
         return
+    if type == "ADDED" and fresh_child(body):
+        return  # its creator's reconcile records this very state in status: no read, no write
     try:
         sync_owner_status(memo.kube, as_job(body), logger)
     except ApiError as err:
