@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from .preemption import PreemptionFlag, install_preemption_handler
+from .stores import StorageUnavailable
 from .uploader import BackgroundUploader, node_topology
 
 __all__ = ["CheckpointSyncCallback", "PreemptionFlag", "install_preemption_handler"]
@@ -32,6 +34,22 @@ log = logging.getLogger(__name__)
 # the other ranks, waiting in the next collective, are bound by.
 DRAIN_SECONDS = 600.0
 DRAIN_PAUSE_SECONDS = 5.0
+
+
+def keep_trying(attempt: Callable[[], None], what: str, seconds: float) -> None:
+    """Run `attempt` again (every few seconds) while it raises StorageUnavailable, for up to
+    `seconds`; then its last StorageUnavailable propagates. For the end of a run only: the
+    pod's disk is gone once it exits, so an outage then is waited out, within bounds."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return attempt()
+        except StorageUnavailable as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            log.warning("%s still failing at the end of training (%s); retrying for up to %.0fs", what, exc, left)
+            time.sleep(min(DRAIN_PAUSE_SECONDS, left))
 
 
 def _distributed():
@@ -96,12 +114,13 @@ class CheckpointSyncCallback(TrainerCallback):
         one upload attempt (with its retries) after another, for up to `drain_seconds`."""
         if self.uploader is None:
             return
-        deadline = time.monotonic() + self.drain_seconds
-        while not self.uploader.wait(self.wait_timeout):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.error("checkpoint upload incomplete at the end of training: %s", self.uploader.status.last_error)
-                return
-            log.warning("checkpoint upload still failing at the end of training (%s); retrying for up to %.0fs",
-                        self.uploader.status.last_error, left)
-            time.sleep(min(DRAIN_PAUSE_SECONDS, left))
+        uploader = self.uploader
+
+        def uploaded() -> None:
+            if not uploader.wait(self.wait_timeout):
+                raise StorageUnavailable(uploader.status.last_error or "the upload has not finished")
+
+        try:
+            keep_trying(uploaded, "checkpoint upload", self.drain_seconds)
+        except StorageUnavailable as exc:
+            log.error("checkpoint upload incomplete at the end of training: %s", exc)

@@ -143,7 +143,7 @@ def _upload_files(store: ObjectStore, local_dir: Path, step: int, rel_paths: lis
         put = {r: lane(size[r]).submit(store.put_file, local_dir / r, join_key(prefix, r)) for r in order}
         digest = {r: hashes.submit(sha256_file, local_dir / r) for r in order}
         try:
-            entries = [FileEntry(r, (local_dir / r).stat().st_size, digest[r].result()) for r in rel_paths]
+            entries = [FileEntry(r, size[r], digest[r].result()) for r in rel_paths]
             for future in put.values():
                 future.result()
         except BaseException:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 from ..config import FineTuneConfig
-from .callback import DRAIN_PAUSE_SECONDS, DRAIN_SECONDS, CheckpointSyncCallback, _distributed
+from .callback import CheckpointSyncCallback, _distributed, keep_trying
 from .checkpoints import (
     _read_manifest,
     download_checkpoint,
@@ -25,7 +24,7 @@ from .checkpoints import (
     upload_file_artifact,
 )
 from .preemption import PreemptionFlag, install_preemption_handler
-from .stores import ObjectNotFound, ObjectStore, StorageError, StorageUnavailable, open_store
+from .stores import ObjectNotFound, ObjectStore, StorageError, open_store
 from .uploader import BackgroundUploader, node_topology
 
 log = logging.getLogger(__name__)
@@ -129,22 +128,15 @@ class StoragePlugin(CheckpointSyncCallback):
         for item in output_dir.iterdir():
             if item.is_file() and item.name not in NOT_FINAL:
                 os.link(item, final / item.name)  # a hard link: no copy of the weights
-        # The pod's disk goes away with it: an outage at the end is waited out (bounded).
-        deadline = time.monotonic() + DRAIN_SECONDS
+
+        def upload() -> None:
+            if (output_dir / METRICS_KEY).is_file():
+                upload_file_artifact(self.store, output_dir / METRICS_KEY, METRICS_KEY)
+            upload_file_artifact(self.store, final, FINAL_KEY)
+            log.info("results uploaded to %s", self.store.uri_for(FINAL_KEY))
+
         try:
-            while True:
-                try:
-                    if (output_dir / METRICS_KEY).is_file():
-                        upload_file_artifact(self.store, output_dir / METRICS_KEY, METRICS_KEY)
-                    upload_file_artifact(self.store, final, FINAL_KEY)
-                    log.info("results uploaded to %s", self.store.uri_for(FINAL_KEY))
-                    return
-                except StorageUnavailable as exc:
-                    if time.monotonic() >= deadline:
-                        raise
-                    log.warning("final results not uploaded yet (%s); retrying for up to %.0fs",
-                                exc, deadline - time.monotonic())
-                    time.sleep(DRAIN_PAUSE_SECONDS)
+            keep_trying(upload, "final results upload", self.drain_seconds)
         except StorageError as exc:  # the trained model is still on local disk; say so loudly
             log.error("could not upload the final results to %s: %s (they remain in %s)", self.store.uri, exc, output_dir)
         finally:
