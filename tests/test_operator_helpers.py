@@ -198,3 +198,17 @@ def _pytorchjob(suspend: bool = False, **status) -> dict:
 )
 def test_fresh_child_events_need_no_status_write(pytorchjob, fresh):
     assert handlers.fresh_child(pytorchjob) is fresh
+
+
+@pytest.mark.parametrize(
+    ("event_type", "pytorchjob", "sync"),
+    [
+        ("ADDED", _pytorchjob(), False),  # just created: its creator records it
+        (None, _pytorchjob(), True),  # a relist after a watch restart: resync
+        ("MODIFIED", _pytorchjob(), True),
+        ("ADDED", _pytorchjob(conditions=[{"type": "Running", "status": "True"}]), True),
+        ("DELETED", _pytorchjob(conditions=[{"type": "Running", "status": "True"}]), False),
+    ],
+)
+def test_owner_needs_sync_filters_events_on_the_loop(event_type, pytorchjob, sync):
+    assert handlers.owner_needs_sync(type=event_type, body=pytorchjob) is sync

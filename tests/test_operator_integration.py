@@ -279,6 +279,42 @@ def test_operator_killed_mid_reconcile_leaves_no_duplicates(cluster, emulator, t
     assert len([r for r in emulator.requests() if is_create("configmaps")(r)]) == 2  # one each; the 2nd got 409
 
 
+def test_a_new_job_creates_its_children_without_reading_first(cluster, emulator, operator, tmp_path):
+    """Never reconciled = nothing to protect: no GET of the PyTorchJob before the creates."""
+    cluster.apply_job("demo", spec(tmp_path))
+    cluster.wait_condition("demo", "Accepted", "True", reason="Valid")
+    assert children(emulator) == EXPECTED_CHILDREN
+    reads = [r for r in emulator.requests()
+             if r.method.name == "GET" and r.resource is not None and r.resource.plural == "pytorchjobs" and r.name]
+    assert reads == []
+
+
+def test_a_spec_edited_while_the_operator_was_down_is_still_refused(cluster, emulator, tmp_path):
+    """Operator 1 creates every child and dies before it writes status; the user edits the
+    spec; operator 2 finds the job with no conditions, and still refuses to apply the edit
+    once its first create answers AlreadyExists."""
+    first_url = emulator.add_server()
+    gate = emulator.gate(lambda r: r.method.name == "PATCH" and r.resource is not None
+                         and r.resource.plural == "finetunejobs")  # operator 1's first write after the children
+    first = OperatorThread(first_url).start()
+    cluster.apply_job("demo", spec(tmp_path))
+    assert gate.hit.wait(20), "the operator never finished its children"
+    emulator.sever(first_url)
+    first.kill()
+    assert children(emulator) == EXPECTED_CHILDREN and cluster.job("demo").get("status") is None
+    config = cluster.kube.get("v1", "ConfigMap", "default", "demo-config")
+
+    cluster.kube.patch(*FTJ, "default", "demo", {"spec": {"training": {"learning_rate": 1e-3}}})
+    second = OperatorThread(emulator.url).start()
+    try:
+        cluster.wait_condition("demo", "Accepted", "False", reason="SpecChangeRejected")
+    finally:
+        gate.release(lost=True)
+        second.stop()
+        first.join()
+    assert cluster.kube.get("v1", "ConfigMap", "default", "demo-config") == config  # not patched
+
+
 def test_api_hiccups_are_retried(cluster, emulator, tmp_path):
     left = emulator.fail(is_create("configmaps"), times=2, status=503)
     op = OperatorThread(emulator.url, retry_delay=0.2).start()

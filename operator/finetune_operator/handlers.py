@@ -109,13 +109,45 @@ class Outcome:
 
 def reconcile_job(kube: Kube, job: Mapping[str, Any], settings: Any) -> Outcome:
     """1 validate + render, 2 never restart a finished run, 3 refuse a spec change after start,
-    4 apply the children in order (RBAC before the pods that use it)."""
+    4 apply the children in order (RBAC before the pods that use it).
+
+    A job with no conditions yet was never reconciled, so it has no run to protect: its
+    children are created with no read first, and 2 and 3 are checked only if one of them
+    turns out to exist already (an earlier reconcile got that far before it wrote status)."""
     meta = job["metadata"]
     generation = int(meta.get("generation") or 1)
     try:
         manifests = render(dict(job), settings)
     except ConfigError as exc:
         return Outcome(st.Acceptance.invalid(generation, [str(issue) for issue in exc.errors]), None)
+    checked = bool((job.get("status") or {}).get("conditions"))
+    if checked and (refusal := refuse_to_apply(kube, job, generation)):
+        return refusal
+    applied, pytorchjob = [], None
+    for manifest in manifests:
+        ignore = owned_by_others(manifest, job.get("spec") or {})
+        if checked:
+            action, obj = kube.apply(manifest, ignore=ignore)
+        else:
+            try:
+                action, obj = "created", kube.create(manifest)
+            except ApiError as err:
+                if not err.conflict:
+                    raise
+                checked = True
+                if refusal := refuse_to_apply(kube, job, generation):
+                    return refusal
+                action, obj = kube.apply(manifest, ignore=ignore, exists=True)
+        applied.append((manifest["kind"], manifest["metadata"]["name"], action))
+        if manifest["kind"] == PYTORCHJOB_KIND:
+            pytorchjob = obj
+    summary = st.summarize_pytorchjob(pytorchjob, read_exit(kube, meta["namespace"], pytorchjob)) if pytorchjob else None
+    return Outcome(st.Acceptance.valid(generation), summary, tuple(applied))
+
+
+def refuse_to_apply(kube: Kube, job: Mapping[str, Any], generation: int) -> Outcome | None:
+    """Why this spec must not be applied (2 and 3 above), read from the PyTorchJob; None: go on."""
+    meta = job["metadata"]
     existing = kube.get(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, meta["namespace"], meta["name"])
     if existing is None and st.finished((job.get("status") or {}).get("conditions")):
         # The run ended and its PyTorchJob was cleaned up: re-creating it would train again.
@@ -125,14 +157,7 @@ def reconcile_job(kube: Kube, job: Mapping[str, Any], settings: Any) -> Outcome:
         if not suspend_only_change(running_hash, job.get("spec") or {}):
             summary = st.summarize_pytorchjob(existing, read_exit(kube, meta["namespace"], existing))
             return Outcome(st.Acceptance.change_rejected(generation), summary)
-    applied, pytorchjob = [], None
-    for manifest in manifests:
-        action, obj = kube.apply(manifest, ignore=owned_by_others(manifest, job.get("spec") or {}))
-        applied.append((manifest["kind"], manifest["metadata"]["name"], action))
-        if manifest["kind"] == PYTORCHJOB_KIND:
-            pytorchjob = obj
-    summary = st.summarize_pytorchjob(pytorchjob, read_exit(kube, meta["namespace"], pytorchjob)) if pytorchjob else None
-    return Outcome(st.Acceptance.valid(generation), summary, tuple(applied))
+    return None
 
 
 def status_writer(outcome: Outcome, spec_suspend: bool, when: str) -> Callable[[dict[str, Any]], None]:
@@ -265,13 +290,16 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: loggi
     logger.info(f"{outcome.acceptance.reason}: " + ", ".join(f"{k} {n} {a}" for k, n, a in outcome.applied))
 
 
-@kopf.on.event(*PYTORCHJOBS, labels={LABEL_JOB_NAME: kopf.PRESENT})
-def pytorchjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+def owner_needs_sync(type: str | None, body: kopf.Body, **_: Any) -> bool:
+    """kopf's filter, run on its event loop: the events with nothing to mirror never take a
+    handler thread. A deleted child has no state left; a just-created one's state is recorded
+    by its creator's reconcile (no read, no write)."""
+    return type != "DELETED" and not (type == "ADDED" and fresh_child(body))
+
+
+@kopf.on.event(*PYTORCHJOBS, labels={LABEL_JOB_NAME: kopf.PRESENT}, when=owner_needs_sync)
+def pytorchjob_event(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Mirror the PyTorchJob's state onto its FineTuneJob (a relist every watch restart resyncs)."""
-    if type == "DELETED":
-        return
-    if type == "ADDED" and fresh_child(body):
-        return  # its creator's reconcile records this very state in status: no read, no write
     try:
         sync_owner_status(memo.kube, as_job(body), logger)
     except ApiError as err:

@@ -239,17 +239,19 @@ class Kube:
                 raise
 
     def apply(
-        self, manifest: Mapping[str, Any], *, ignore: Sequence[tuple[str, ...]] = ()
+        self, manifest: Mapping[str, Any], *, ignore: Sequence[tuple[str, ...]] = (), exists: bool = False
     ) -> tuple[str, dict[str, Any]]:
         """Create, or on 409 read and patch what drifted: ("created"|"unchanged"|"patched", object).
 
         Safe to repeat: deterministic names make a retry find its own earlier write. `ignore`
-        lists fields another controller owns once the object exists (Kueue's runPolicy.suspend)."""
-        try:
-            return "created", self.create(manifest)
-        except ApiError as err:
-            if not err.conflict:
-                raise
+        lists fields another controller owns once the object exists (Kueue's runPolicy.suspend);
+        `exists`: a create already answered 409, go straight to the read."""
+        if not exists:
+            try:
+                return "created", self.create(manifest)
+            except ApiError as err:
+                if not err.conflict:
+                    raise
         meta = manifest["metadata"]
         existing = self.get(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
         if existing is None:  # deleted between our create and get: create again on the next attempt
