@@ -47,10 +47,16 @@ def batch(tiny_model_dir) -> dict[str, torch.Tensor]:
     return {"input_ids": ids.input_ids, "attention_mask": ids.attention_mask, "labels": labels}
 
 
+def on_device(model, batch) -> dict[str, torch.Tensor]:
+    """The batch where the model is: a quantized model is placed on the GPU when one exists."""
+    device = next(model.parameters()).device
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def eval_loss(model, batch) -> float:
     model.eval()
     with torch.no_grad():
-        return model(**batch).loss.item()
+        return model(**on_device(model, batch)).loss.item()
 
 
 def train_and_diff(result: MethodResult, batch, *, steps: int = 4, lr: float = 1e-2) -> tuple[float, float, set[str]]:
@@ -62,7 +68,7 @@ def train_and_diff(result: MethodResult, batch, *, steps: int = 4, lr: float = 1
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     model.train()
     for _ in range(steps):
-        model(**batch).loss.backward()
+        model(**on_device(model, batch)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     last = eval_loss(model, batch)
@@ -214,7 +220,8 @@ def test_spectrum_on_4bit_trains_in_the_transformers_trainer(tiny_model_dir, bat
     rows = [{k: v[0].tolist() for k, v in batch.items()}] * 4
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=5e-3,
-        lr_scheduler_type="constant", use_cpu=True, bf16=True, report_to="none", save_strategy="no", logging_steps=1,
+        lr_scheduler_type="constant", use_cpu=not torch.cuda.is_available(), bf16=True, report_to="none",
+        save_strategy="no", logging_steps=1,
     )
     trainer = Trainer(model=result.model, args=args, train_dataset=rows)
     trainer.train()
@@ -266,7 +273,7 @@ def test_evaluating_first_does_not_change_4bit_gradients(tiny_model_dir, batch):
         if evaluate_first:
             eval_loss(model, batch)
         model.train()
-        model(**batch).loss.backward()
+        model(**on_device(model, batch)).loss.backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     plain, after_eval = grads(False), grads(True)

@@ -2,8 +2,9 @@
 Llama in fp32, 4-bit NF4 and 8-bit (bitsandbytes 0.50 runs both on CPU), plus the built-in
 SmolLM2 from its GGUF file.
 
-Not covered here (no GPU): flash_attention_2 and Liger actually running, and quantized
-placement on a CUDA device; the code takes those paths when `torch.cuda.is_available()`.
+Device-agnostic: on a GPU machine the quantized loads are placed on the GPU and the same
+tests pass (seen on an H100); test_gpu_training.py trains there with bf16, NF4, LLM.int8 and
+Liger. flash_attention_2 running is covered nowhere (flash-attn ships no wheel to install).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from finetune_trainer.model.loading import (
     attention_implementation,
     bnb_config,
     default_device_map,
+    liger_options,
     load_model,
     load_tokenizer,
     resolve_model_source,
@@ -40,10 +42,13 @@ def make_cfg(base_model: str | Path = "org/model", *, model=None, method="lora",
     )
 
 
-def tiny_batch(model_dir: Path) -> dict[str, torch.Tensor]:
+def tiny_batch(model_dir: Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """One sentence, on the model's device (a quantized model is placed on the GPU if one exists)."""
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(model_dir)(["Spectrum trains the modules with signal."], return_tensors="pt").input_ids
+    if model is not None:
+        ids = ids.to(next(model.parameters()).device)
     return {"input_ids": ids, "labels": ids}
 
 
@@ -182,7 +187,8 @@ def test_tokenizer_error_names_the_field():
 
 def test_load_fp32_with_checkpointing(tiny_model_dir, caplog):
     caplog.set_level("INFO", logger="finetune_trainer.model.loading")
-    model = load_model(make_cfg(tiny_model_dir, training={"gradient_checkpointing": True}))
+    # mixed_precision "no": fp32 weights on a GPU too (with bf16 a LoRA base loads in bf16 there)
+    model = load_model(make_cfg(tiny_model_dir, training={"gradient_checkpointing": True, "mixed_precision": "no"}))
     assert next(model.parameters()).dtype == torch.float32
     assert model.config._attn_implementation == "sdpa"
     assert model.is_activation_checkpointing
@@ -193,7 +199,7 @@ def test_load_fp32_with_checkpointing(tiny_model_dir, caplog):
     # checkpointed forward + backward works with every base weight frozen but the last layer
     for name, param in model.named_parameters():
         param.requires_grad_(".layers.1." in name)
-    loss = model(**tiny_batch(tiny_model_dir)).loss
+    loss = model(**tiny_batch(tiny_model_dir, model)).loss
     loss.backward()
     assert model.model.layers[1].mlp.up_proj.weight.grad is not None
 
@@ -207,7 +213,7 @@ def test_load_4bit_nf4(tiny_model_dir):
     assert all(isinstance(m, bnb.nn.Linear4bit) for m in layers.values())
     assert layers["model.layers.0.self_attn.q_proj"].weight.quant_state.quant_type == "nf4"
     assert type(model.lm_head) is nn.Linear  # the head stays unquantized
-    assert torch.isfinite(model(**tiny_batch(tiny_model_dir)).loss)
+    assert torch.isfinite(model(**tiny_batch(tiny_model_dir, model)).loss)
 
 
 def test_load_4bit_keeps_skip_modules_and_the_head(tiny_model_dir):
@@ -226,24 +232,24 @@ def test_load_8bit(tiny_model_dir):
     model = load_model(make_cfg(tiny_model_dir, model={"load_in_8bit": True}))
     assert all(isinstance(m, bnb.nn.Linear8bitLt) for m in layer_linear_modules(model).values())
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.int8
-    assert torch.isfinite(model(**tiny_batch(tiny_model_dir)).loss)
+    assert torch.isfinite(model(**tiny_batch(tiny_model_dir, model)).loss)
 
 
 def test_liger_says_why_not(tiny_model_dir):
     from transformers import AutoConfig
 
-    class Holder(nn.Module):  # apply_liger only reads .config on the paths that run here
+    class Holder(nn.Module):  # apply_liger only reads .config on the paths that refuse
         config = AutoConfig.from_pretrained(tiny_model_dir)
 
-    model = Holder()
+    model = load_model(make_cfg(tiny_model_dir)) if torch.cuda.is_available() else Holder()
     assert apply_liger(model, make_cfg()) == "liger: off (model.use_liger_kernels is false)"
     message = apply_liger(model, make_cfg(model={"use_liger_kernels": True}))
     if importlib.util.find_spec("liger_kernel") is None:
         assert "liger-kernel package is not installed" in message
     elif not torch.cuda.is_available():
         assert "need a CUDA GPU" in message
-    else:  # pragma: no cover - a GPU machine with Liger
-        assert "applied" in message
+    else:  # a GPU machine with Liger (test_gpu_training.py trains with it)
+        assert message == "liger: applied its kernels for model type 'llama'"
 
 
 @pytest.mark.slow
@@ -261,3 +267,22 @@ def test_gguf_file_and_builtin_load_the_same_weights():
         assert torch.equal(direct.get_parameter(name), cached.get_parameter(name))
     tok = load_tokenizer(make_cfg(gguf))
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>")
+
+
+@pytest.mark.parametrize(
+    ("method", "targets", "fused"),
+    [
+        ("lora", ["q_proj", "v_proj", "lm_head"], False),  # the fused loss would skip the head's adapter
+        ("qlora", ["model.lm_head"], False),
+        ("lora", ["q_proj", "v_proj"], True),
+        ("lora", "all-linear", True),  # peft's all-linear leaves the output head out
+        ("full", ["lm_head"], True),  # full trains lm_head.weight itself: the fused loss sees it
+    ],
+)
+def test_liger_keeps_its_fused_loss_unless_lora_adapts_the_head(method, targets, fused):
+    cfg = FineTuneConfig.model_validate({"model": {"base_model": "org/model", "use_liger_kernels": True},
+                                         "fine_tuning": {"method": method, "lora": {"target_modules": targets}}})
+    options, note = liger_options(cfg)
+    assert options.get("fused_linear_cross_entropy", True) is fused
+    assert (options.get("cross_entropy") is True) is (not fused)
+    assert ("lm_head" in note) is (not fused)

@@ -171,6 +171,23 @@ def load_tokenizer(cfg: FineTuneConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def liger_options(cfg: FineTuneConfig) -> tuple[dict[str, bool], str]:
+    """(keyword arguments for Liger, what they change and why).
+
+    Liger's fused linear cross-entropy multiplies the hidden states by `lm_head.weight` itself.
+    A LoRA adapter on lm_head lives beside that weight, so the fused loss would never see it:
+    the head adapter gets no gradient and training and generation disagree (trl#4612; seen on
+    an H100: the tiny Llama's loss stalled at 10.6). Then Liger's plain cross-entropy runs
+    instead, and its other kernels stay."""
+    targets = cfg.fine_tuning.lora.target_modules
+    adapts_head = cfg.fine_tuning.method in ("lora", "qlora") and targets != "all-linear" and any(
+        t == "lm_head" or t.endswith(".lm_head") for t in targets)
+    if adapts_head:
+        return ({"fused_linear_cross_entropy": False, "cross_entropy": True},
+                ", with its plain cross-entropy: the fused linear one would skip the LoRA adapter on lm_head")
+    return {}, ""
+
+
 def apply_liger(model: PreTrainedModel, cfg: FineTuneConfig) -> str:
     """Apply Liger's fused Triton kernels when asked and able; return (and log) what happened.
 
@@ -192,8 +209,9 @@ def apply_liger(model: PreTrainedModel, cfg: FineTuneConfig) -> str:
         if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
             message = f"liger: not applied, it has no kernels for model type {model_type!r}"
         else:
-            _apply_liger_kernel_to_instance(model=model)
-            message = f"liger: applied its kernels for model type {model_type!r}"
+            options, note = liger_options(cfg)
+            _apply_liger_kernel_to_instance(model=model, **options)
+            message = f"liger: applied its kernels for model type {model_type!r}{note}"
     log.info(message)
     return message
 
