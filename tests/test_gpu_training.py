@@ -1,12 +1,13 @@
 """`finetune train` on a CUDA GPU: the paths a CPU never takes. The frozen base in bf16 under
 LoRA, bitsandbytes NF4 (QLoRA) and LLM.int8 placed on the GPU while loading, full fine-tuning
-with fp32 masters and bf16 autocast, and Liger's Triton kernels. Each really trains the tiny
-Llama, and the loss must fall.
+with fp32 masters and bf16 autocast, and Liger's Triton kernels, and DeepSpeed ZeRO-2/3 over NCCL under torchrun. Each really
+trains the tiny Llama, and the loss must fall.
 
 Skipped where no CUDA GPU is visible (CI has none); it is the same code path the CPU tests
 cover, with `cuda=True` at each decision. Not covered even on a GPU: flash_attention_2
 (flash-attn ships no wheel for this torch; the choice of it is table-tested in
-test_model_loading.py).
+test_model_loading.py), and more than one GPU (NCCL refuses two ranks on one device, so
+ZeRO runs one rank here; test_train_distributed.py runs two ranks over gloo).
 """
 
 from __future__ import annotations
@@ -77,3 +78,17 @@ def test_liger_kernels_train_on_the_gpu(tmp_path, tiny_model_dir, caplog):
     # LoRA adapts lm_head here (test_train_e2e's LORA): Liger's fused linear loss would skip
     # that adapter and the loss would stall (it did, at 10.6, before liger_options).
     assert "liger: applied its kernels for model type 'llama', with its plain cross-entropy" in log
+
+
+@pytest.mark.parametrize(("stage", "method"), [(2, "lora"), (3, "full")])
+def test_deepspeed_zero_over_nccl_on_the_gpu(tmp_path, tiny_model_dir, stage, method):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is part of the trainer image, not of every venv")
+    from test_train_distributed import losses, torchrun, write_config
+
+    config = write_config(tmp_path, tiny_model_dir, method, precision="bf16", use_deepspeed=True, zero_stage=stage)
+    proc = torchrun(tmp_path, config, nproc=1, gpu=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    curve = losses(tmp_path / "out")
+    assert curve[-1] < curve[0] - 0.3, curve
+    args = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
+    assert args.deepspeed["zero_optimization"]["stage"] == stage and args.bf16 and not args.use_cpu

@@ -65,7 +65,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp_path: Path, model_dir: Path, method: str, **distributed) -> Path:
+def write_config(tmp_path: Path, model_dir: Path, method: str, *, precision: str = "no", **distributed) -> Path:
     rows = [{"instruction": q, "output": a} for q, a in PAIRS] * 4
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
@@ -75,7 +75,7 @@ def write_config(tmp_path: Path, model_dir: Path, method: str, **distributed) ->
         "fine_tuning": {"method": method, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "lm_head"]}},
         "training": {
             "max_steps": 8, "micro_batch_size": 2, "learning_rate": 1e-2 if method == "lora" else 2e-3,
-            "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "mixed_precision": "no", "max_seq_length": 64,
+            "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "mixed_precision": precision, "max_seq_length": 64,
         },
         "dataset": {"format": "alpaca", "train_path": str(tmp_path / "train.jsonl"), "eval_path": str(tmp_path / "eval.jsonl")},
         "output": {"output_dir": str(tmp_path / "out"), "logging_steps": 1, "save_steps": 8},
@@ -86,20 +86,21 @@ def write_config(tmp_path: Path, model_dir: Path, method: str, **distributed) ->
     return path
 
 
-def torchrun(tmp_path: Path, config: Path) -> subprocess.CompletedProcess:
+def torchrun(tmp_path: Path, config: Path, *, nproc: int = 2, gpu: bool = False) -> subprocess.CompletedProcess:
     from finetune_trainer.model import builtin
 
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
     env = {
         **os.environ,
-        "DS_ACCELERATOR": "cpu",  # DeepSpeed on CPU: gloo, no CUDA probing
         # DeepSpeed compiles its CPU comm op on first use (~30 s); keep it between runs.
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(builtin.cache_root() / "torch_extensions")),
         "OMP_NUM_THREADS": "1",
     }
+    if not gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU: gloo, no CUDA probing
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), str(launcher), "train", "--config", str(config),
     ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=800, cwd=tmp_path)
