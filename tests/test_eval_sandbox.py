@@ -156,7 +156,7 @@ def test_no_network_with_the_namespace_alone(listener):
     result = run(CONNECT.format(port=listener.port), block_sockets=False)
     assert result.status == "failed" and "connected" not in result.stdout
     assert "sandbox:" not in result.stderr  # refused by the kernel, not by the hook
-    assert result.isolation.startswith("network namespace")
+    assert "network" in result.isolation and "namespace" in result.isolation.split(" + ")[0]
     assert listener.accepted == 0
 
 
@@ -167,14 +167,16 @@ def test_no_network_by_default(listener):
 
 @pytest.mark.parametrize("program", ["while True:\n    pass", "import time\ntime.sleep(60)"], ids=["busy", "sleeping"])
 def test_cannot_run_past_its_timeout(tmp_path, program):
-    result = run(
-        "import os, sys\nprint(os.getpid(), flush=True)\n" + program,
-        SandboxLimits(timeout_seconds=1),
-    )
+    import psutil
+
+    result = run("import os, sys\nprint(os.getcwd(), flush=True)\n" + program, SandboxLimits(timeout_seconds=1))
     assert result.status == "timed out"  # the wall clock or the CPU limit, whichever came first
-    pid = int(result.stdout.split()[0])
-    with pytest.raises(ProcessLookupError):  # killed, not left running
-        os.kill(pid, 0)
+    folder = result.stdout.split()[0]  # in its own PID namespace its pid means nothing here:
+    left = []  # find it by its folder, which is on its command line
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and any(folder in part for part in proc.info["cmdline"] or ()):
+            left.append(proc)
+    assert not left, left  # killed, not left running
 
 
 def test_cannot_start_processes():

@@ -120,6 +120,16 @@ def test_env(patch, expected):
     assert {k: env.get(k) for k in expected} == expected
 
 
+def test_every_secret_backed_variable_is_in_the_contract():
+    """The trainer redacts the values of contract.SECRET_ENV from sandboxed programs'
+    output: a variable rendered from a Secret but missing there would not be redacted."""
+    manifests = render(job(hf_token_secret={"name": "hf", "key": "token"},
+                           storage={"uri": "s3://b/p", "credentials_secret": "s3-creds"}), SETTINGS)
+    container = pod(manifests)["containers"][0]
+    from_secrets = {e["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert from_secrets and from_secrets <= set(c.SECRET_ENV)
+
+
 def test_no_secret_without_a_reference():
     env = env_of(render(job(), SETTINGS))
     assert not {c.ENV_HF_TOKEN, c.ENV_AWS_ACCESS_KEY_ID, c.ENV_AWS_SECRET_ACCESS_KEY, c.ENV_S3_ADDRESSING} & set(env)
@@ -208,10 +218,18 @@ def test_pod_is_non_root_with_shm_and_the_config_mounted():
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     container = spec["containers"][0]
+    # The sandbox's outer wall (sandbox.py's docstring relies on each of these).
     assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                                            "runAsNonRoot": True}
+                                            "privileged": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True}
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    # With the root filesystem read-only, every place the trainer writes is an emptyDir:
+    # scratch, HOME and HF_HOME (the image's HOME is WORK_DIR), the output, /tmp, /dev/shm.
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    writes = [c.WORK_DIR, c.OUTPUT_DIR, env[c.ENV_HF_HOME], c.TMP_DIR, c.SHM_DIR]
+    for path in writes:
+        mount = max((m for m in mounts if path == m or path.startswith(m.rstrip("/") + "/")), key=len)
+        assert "emptyDir" in volumes[mounts[mount]], (path, mount)
     assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}
     assert volumes[mounts[c.CONFIG_DIR]]["configMap"] == {"name": "demo-config"}
     assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"}]

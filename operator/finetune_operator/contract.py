@@ -16,6 +16,7 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 WORK_DIR = "/workspace"  # emptyDir: pod-local scratch, writable by the non-root trainer
 OUTPUT_DIR = f"{WORK_DIR}/output"  # output.output_dir in the pods; results go to storage
 HF_HOME = f"{WORK_DIR}/.cache/huggingface"  # downloads land in the emptyDir, not the image
+TMP_DIR = "/tmp"  # an emptyDir: the trainer's root filesystem is read-only
 SHM_DIR = "/dev/shm"  # a Memory emptyDir: NCCL and DataLoader workers need more than 64 MiB
 
 # ------------------------------------------------------------------------------ the pods
@@ -51,7 +52,12 @@ ENV_LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
 # short for a checkpoint upload); render sets it from the termination grace period.
 ENV_TORCHRUN_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Every variable the operator fills from a Secret (secretKeyRef). The trainer treats their
+# values as secrets: redacted from anything a sandboxed program printed (secret_env.py).
+SECRET_ENV = (ENV_HF_TOKEN, ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY)
+
+SECRETS_MOUNT_ROOT = "/var/run/secrets"  # where the kubelet mounts the ServiceAccount token
+SERVICE_ACCOUNT_DIR = f"{SECRETS_MOUNT_ROOT}/kubernetes.io/serviceaccount"
 IN_CLUSTER_API_URL = "https://kubernetes.default.svc"
 
 # ----------------------------------- env the Kubeflow training operator injects (PyTorchJob)

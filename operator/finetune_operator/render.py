@@ -315,6 +315,7 @@ def pod_template(ctx: _Context) -> dict[str, Any]:
             {"name": "config", "configMap": {"name": config_map_name(ctx.name)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
             {"name": "workspace", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
         ],
     }
     optional = {
@@ -344,10 +345,15 @@ def container(ctx: _Context) -> dict[str, Any]:
             {"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": c.SHM_DIR},
             {"name": "workspace", "mountPath": c.WORK_DIR},
+            {"name": "tmp", "mountPath": c.TMP_DIR},
         ],
+        # The outer wall around the trainer and the code its benchmarks run (sandbox.py):
+        # nothing outside the emptyDirs is writable, no privilege can be gained.
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
         },
     }

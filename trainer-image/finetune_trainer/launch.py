@@ -4,16 +4,25 @@ torchrun turns any worker failure into exit 1, and under the PyTorchJob's
 `restartPolicy: ExitCode` 1 means "permanent": a run preempted after saving (143) would
 never be retried. So each rank writes its exit code to a folder this launcher makes, and
 the launcher exits with the code that tells the truth.
+
+The launcher and torchrun's agent hold the pod's whole environment (its Secret-backed
+credentials) without needing it to be readable by anyone else: both mark themselves
+non-dumpable (process_guard.py), so a program of the same user cannot read
+their /proc/<pid>/environ. torchrun runs as `python -m finetune_trainer.launch ARGS`, which
+is torchrun with that done first.
 """
 
 from __future__ import annotations
 
 import os
+import runpy
 import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from .process_guard import mark_not_dumpable
 
 ENV_EXIT_CODE_DIR = "FINETUNE_EXIT_CODE_DIR"
 KILLED = 137  # a rank that died without a word was killed (OOM, node loss): retry
@@ -58,11 +67,19 @@ def launch_exit_code(launcher_code: int, rank_codes: dict[int, int]) -> int:
 
 def torchrun_command(config: str, overrides: list[str]) -> list[str]:
     """torchrun reads --nnodes, --nproc-per-node, --node-rank and the rendezvous from PET_*."""
-    return [sys.executable, "-m", "torch.distributed.run", "-m", "finetune_trainer.cli", "train", "--config", config,
+    return [sys.executable, "-m", "finetune_trainer.launch", "-m", "finetune_trainer.cli", "train", "--config", config,
             *overrides]
 
 
+def run_torchrun(argv: list[str]) -> None:
+    """torchrun's own main with `argv`, in this process, once it is not dumpable."""
+    mark_not_dumpable()
+    sys.argv = ["torchrun", *argv]
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+
+
 def launch(config: str, overrides: list[str]) -> int:
+    mark_not_dumpable()
     with tempfile.TemporaryDirectory(prefix="finetune-exit-") as folder:
         proc = subprocess.Popen(torchrun_command(config, overrides), env={**os.environ, ENV_EXIT_CODE_DIR: folder})
 
@@ -73,3 +90,7 @@ def launch(config: str, overrides: list[str]) -> int:
             signal.signal(sig, forward)
         code = proc.wait()
         return launch_exit_code(code, read_exit_codes(Path(folder)))
+
+
+if __name__ == "__main__":
+    run_torchrun(sys.argv[1:])

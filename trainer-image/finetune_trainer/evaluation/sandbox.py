@@ -1,18 +1,39 @@
 """Run a model-written Python program in a sandboxed subprocess.
 
-Layers, outermost first:
+What it guarantees, layer by layer (outermost first), and where each holds:
 - a fresh temp folder as the working directory (removed afterwards), a stripped
   environment (PATH, HOME and TMPDIR pointing into that folder, LANG; nothing else: no
   credentials, no proxies), stdin closed, stdout/stderr to files (not memory);
 - its own session, killed whole (SIGKILL to the process group) at the wall-clock timeout;
-- no network: a new network namespace (`unshare --net`, or `unshare --user --net` for a
-  non-root user where unprivileged user namespaces are allowed) holds only a loopback that
-  is down. Where the kernel refuses (a pod without CAP_SYS_ADMIN, the usual case), the
-  in-process guard below is the no-network shim; it is on in both cases;
+- the trainer marks itself non-dumpable before the first program runs
+  (process_guard.py): its /proc/<pid>/ files (environ, cmdline, mem, ...)
+  become root's, so a non-root program cannot read them. Kernel-enforced, everywhere
+  (a pod's trainer is non-root); it does not stop a root program;
+- a kernel view of its own, where the kernel allows (root, or unprivileged user
+  namespaces; a pod without CAP_SYS_ADMIN usually gets neither): new network, mount and
+  PID namespaces (`unshare`), so it sees a loopback that is down, a /proc with only its
+  own processes, and every known secret place of the trainer (secret_env.secret_places:
+  /var/run/secrets, ~/.aws, ~/.cache/huggingface, ~/.netrc, ~/.config, HF_HOME, the
+  token files the environment names, /etc/shadow) covered by an empty read-only tmpfs
+  or /dev/null. Falls back to a network namespace alone, then to nothing (the hook below
+  stays on in every case);
 - in the child, before the program runs (sandbox_boot.py): `resource.setrlimit` for CPU
   seconds, address space, file size, open files, core dumps and processes, and a PEP 578
-  audit hook refusing writes outside the folder, sockets, new processes, ctypes, and
-  raising limits.
+  audit hook refusing writes outside the folder, reads and listings outside an allow-list
+  (the folder, Python's standard library, its own /proc/<pid>, /dev/null, /dev/urandom,
+  time zones: so no other process's /proc files and no secret file), sockets, new
+  processes, ctypes, and raising limits;
+- what it printed is kept only as a tail with every secret value of the trainer's
+  environment replaced by [redacted] (secret_env.secret_values) before anything
+  (results, evaluation.json, logs, status) sees it.
+
+What it does not guarantee: the audit hook is a guard inside the interpreter, not a kernel
+boundary; a bug in CPython or a C extension of the standard library could step around it.
+Where no namespace can be made and the trainer runs as root, the hook is the only wall
+between the program and root's files. Redaction matches the secrets' literal values: a
+program that could read a secret could also print it encoded. The outer wall is the pod:
+non-root, read-only root filesystem, no privilege escalation, every capability dropped,
+RuntimeDefault seccomp (render.py sets all of them on the training pods).
 """
 
 from __future__ import annotations
@@ -30,6 +51,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from .. import secret_env
+from ..process_guard import mark_not_dumpable
 
 BOOT = Path(__file__).with_name("sandbox_boot.py")
 PROGRAM = "program.py"
@@ -61,29 +85,81 @@ class ExecutionResult:
         return self.status == "passed"
 
 
-NAMESPACE_COMMANDS = (("unshare", "--net"), ("unshare", "--user", "--net"))
+_PRIVATE_VIEW = ("--net", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child")
+
+
+@dataclass(frozen=True)
+class KernelView:
+    command: tuple[str, ...]  # the unshare prefix
+    words: str
+    hides: bool  # mount + PID namespaces: secret places covered, /proc shows only the program
+
+
+KERNEL_VIEWS = (
+    KernelView(("unshare", *_PRIVATE_VIEW), "network, mount and PID namespaces", True),
+    KernelView(("unshare", "--user", "--map-root-user", *_PRIVATE_VIEW), "user, network, mount and PID namespaces", True),
+    KernelView(("unshare", "--net"), "network namespace", False),
+    KernelView(("unshare", "--user", "--net"), "user and network namespaces", False),
+)
+# Run inside the new mount namespace by `sh -c HIDE_SCRIPT sh PLACE... -- PROGRAM...`: cover
+# each place, then run the program as a child (not exec: the PID namespace's init ignores
+# signals it has no handler for, and unshare mangles a signalled init's status); its
+# status comes back as the shell's, 128 + N for signal N.
+HIDE_SCRIPT = """
+while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do
+  if [ -d "$1" ]; then mount -t tmpfs -o ro,nosuid,nodev,noexec,size=4k,mode=0 finetune-hidden "$1" || exit 125
+  elif [ -e "$1" ]; then mount --bind /dev/null "$1" || exit 125; fi  # 125: not hidden, not run
+  shift
+done
+shift
+unset PWD OLDPWD  # the shell's own; the program gets sandbox_env() and nothing else
+"$@"
+exit $?
+"""
+
+
+def view_command(view: KernelView, places: tuple[str, ...]) -> tuple[str, ...]:
+    return (*view.command, "sh", "-c", HIDE_SCRIPT, "sh", *places, "--") if view.hides else view.command
 
 
 @functools.cache
-def network_namespace_prefix() -> tuple[str, ...] | None:
-    """The first `unshare` command that works here, or None (then the audit hook alone
-    keeps the program off the network)."""
+def kernel_view() -> KernelView | None:
+    """The first namespace set that works here (probed once: a tmpfs over a folder and a
+    /dev/null over a file, as a real run makes them), or None (then the audit hook alone
+    keeps the program off the network and the secret places)."""
     if shutil.which("unshare") is None:
         return None
-    for command in NAMESPACE_COMMANDS:
-        try:
-            probe = subprocess.run([*command, "true"], capture_output=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if probe.returncode == 0:
-            return command
+    with tempfile.TemporaryDirectory(prefix="finetune-sandbox-probe-") as probe:
+        folder, file = Path(probe, "folder"), Path(probe, "file")
+        folder.mkdir()
+        (folder / "inside").write_text("x")
+        file.write_text("x")
+        check = ["sh", "-c", '[ ! -e "$1/inside" ] && [ ! -s "$2" ]', "sh", str(folder), str(file)]
+        for view in KERNEL_VIEWS:
+            try:
+                result = subprocess.run([*view_command(view, (str(folder), str(file))), *(check if view.hides else ["true"])],
+                                        capture_output=True, timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if result.returncode == 0:
+                return view
     return None
 
 
-def isolation_in_words(prefix: tuple[str, ...] | None) -> str:
-    if prefix:
-        return f"network namespace ({' '.join(prefix)}) + audit hook"
-    return "audit hook (no network namespace available here)"
+def network_namespace_prefix() -> tuple[str, ...] | None:
+    view = kernel_view()
+    return view.command if view else None
+
+
+def isolation_in_words(view: KernelView | None) -> str:
+    if view:
+        return f"{view.words} ({' '.join(view.command)}) + audit hook"
+    return "audit hook (no namespaces available here)"
+
+
+@functools.cache
+def _not_dumpable() -> bool:
+    return mark_not_dumpable()
 
 
 def sandbox_env(folder: Path) -> dict[str, str]:
@@ -96,7 +172,7 @@ def sandbox_env(folder: Path) -> dict[str, str]:
     }
 
 
-def boot_settings(folder: Path, limits: SandboxLimits, *, block_sockets: bool) -> dict:
+def boot_settings(folder: Path, limits: SandboxLimits, *, block_sockets: bool, guard_reads: bool = True) -> dict:
     return {
         "workdir": str(folder),
         "program": PROGRAM,
@@ -105,14 +181,24 @@ def boot_settings(folder: Path, limits: SandboxLimits, *, block_sockets: bool) -
         "file_bytes": limits.file_size_mb * 1024 * 1024,
         "open_files": limits.open_files,
         "block_sockets": block_sockets,
+        "guard_reads": guard_reads,
     }
 
 
-def _tail(path: Path) -> str:
+def _tail(path: Path, secrets: tuple[str, ...]) -> str:
+    """The last OUTPUT_TAIL characters, secrets redacted first (so none is cut in half)."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 4 * OUTPUT_TAIL))
-        return f.read().decode("utf-8", "replace")[-OUTPUT_TAIL:]
+        f.seek(max(0, f.tell() - 4 * OUTPUT_TAIL - 4 * max(map(len, secrets), default=0)))
+        text = f.read().decode("utf-8", "replace")
+    return secret_env.redact(text, secrets)[-OUTPUT_TAIL:]
+
+
+def _returncode(code: int, view: KernelView | None) -> int:
+    """The program's own status: behind the hiding shell a signal N reads as 128 + N."""
+    if view and view.hides and code > 128:
+        return -(code - 128)
+    return code
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -129,19 +215,24 @@ def run_program(
     *,
     isolation: Isolation = "auto",
     block_sockets: bool = True,
+    guard_reads: bool = True,
 ) -> ExecutionResult:
     """Run `source` as a Python program under the sandbox; never raises for what the
-    program does. `isolation="audit-hook"` skips the network namespace, and
-    `block_sockets=False` turns the in-process socket guard off: both exist so that tests
-    can prove each no-network layer on its own."""
-    prefix = network_namespace_prefix() if isolation == "auto" else None
+    program does. `isolation="audit-hook"` skips the namespaces, `block_sockets=False` and
+    `guard_reads=False` turn the hook's socket and read guards off: all three exist so that
+    tests can prove each layer on its own."""
+    _not_dumpable()
+    view = kernel_view() if isolation == "auto" else None
+    secrets = secret_env.secret_values()
     base = Path(tempfile.mkdtemp(prefix="finetune-sandbox-"))
     try:
         folder = base / "work"
         folder.mkdir()
         (folder / PROGRAM).write_text(source, encoding="utf-8")
-        settings = boot_settings(folder, limits, block_sockets=block_sockets)
-        command = [*(prefix or ()), sys.executable, "-I", "-S", "-B", str(BOOT), json.dumps(settings)]
+        settings = boot_settings(folder, limits, block_sockets=block_sockets, guard_reads=guard_reads)
+        places = tuple(p for p in secret_env.secret_places() if not _contains(p, base))
+        prefix = view_command(view, places) if view else ()
+        command = [*prefix, sys.executable, "-I", "-S", "-B", str(BOOT), json.dumps(settings)]
         start = time.monotonic()
         with open(base / "stdout", "wb") as out, open(base / "stderr", "wb") as err:
             proc = subprocess.Popen(
@@ -149,7 +240,7 @@ def run_program(
                 start_new_session=True, close_fds=True,
             )
             try:
-                returncode = proc.wait(timeout=limits.timeout_seconds)
+                returncode = _returncode(proc.wait(timeout=limits.timeout_seconds), view)
                 timed_out = returncode in (-signal.SIGXCPU, -signal.SIGKILL)  # the CPU limit
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
@@ -159,8 +250,14 @@ def run_program(
         seconds = time.monotonic() - start
         status: Status = "timed out" if timed_out else "passed" if returncode == 0 else "failed"
         return ExecutionResult(
-            status, returncode, round(seconds, 3), _tail(base / "stdout"), _tail(base / "stderr"),
-            isolation_in_words(prefix) if block_sockets or prefix else "none (tests only)",
+            status, returncode, round(seconds, 3), _tail(base / "stdout", secrets), _tail(base / "stderr", secrets),
+            isolation_in_words(view) if block_sockets or view else "none (tests only)",
         )
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _contains(place: str, path: Path) -> bool:
+    """Covering `place` would cover the program's own folder too."""
+    real = os.path.realpath(path)
+    return real == place or real.startswith(place.rstrip("/") + "/")

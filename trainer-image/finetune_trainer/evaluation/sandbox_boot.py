@@ -11,6 +11,10 @@ Before the program's first line runs, this process
 3. installs a PEP 578 audit hook that refuses, with PermissionError:
    - writes, deletions, renames, links, mode and owner changes outside that folder, and
      opening a folder outside it (a folder descriptor would let relative paths escape);
+   - reads and listings outside an allow-list: the folder, the standard library (sys.path
+     here), this process's own /proc/<pid>, /dev/null, /dev/zero, /dev/urandom, /dev/random
+     and the time zone files. So no other process's /proc/<pid>/environ, cmdline or mem,
+     no ServiceAccount token, no ~/.aws or Hugging Face token: nothing the trainer keeps;
    - every socket operation (the no-network shim; kept on when a network namespace
      already cuts the network off);
    - new processes (fork, exec, spawn, system, subprocess) and signals to other processes;
@@ -57,6 +61,10 @@ PATH_EVENTS = {
     "shutil.rmtree": ((0,), (1,)),
     "shutil.chown": ((0,), ()),
 }
+# Listings are reads of a folder: which paths the event lists.
+LIST_EVENTS = ("os.listdir", "os.scandir")
+READABLE_EVERYWHERE = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/usr/share/zoneinfo",
+                       "/etc/localtime", "/etc/timezone")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 HARMLESS_TARGETS = {"/dev/null"}
 
@@ -78,7 +86,16 @@ def set_limits(settings):
             pass
 
 
-def make_guard(root, block_sockets):
+def readable_roots():
+    """Where the program may read, as real paths: the standard library it imports from,
+    its own /proc entry, a few device and time zone files. Computed before the hook."""
+    roots = [os.path.realpath(p) for p in sys.path if p and os.path.exists(p)]
+    roots += [f"/proc/{os.getpid()}"]
+    roots += [os.path.realpath(p) for p in READABLE_EVERYWHERE]
+    return tuple(sorted({r.rstrip("/") for r in roots} - {""}))  # never "/" itself
+
+
+def make_guard(root, block_sockets, guard_reads=True, readable=()):
     """The audit hook. One flat function whose closure holds only immutable values and C
     builtins, captured here: a program that reaches the hook's frame (a traceback of its
     PermissionError) finds nothing it could rebind, and rebinding `builtins` or `os`
@@ -91,6 +108,9 @@ def make_guard(root, block_sockets):
     path_events = {event: (tuple(paths), tuple(fds)) for event, (paths, fds) in PATH_EVENTS.items()}
     path_events = tuple(path_events.items())
     harmless, write_flags = frozenset(HARMLESS_TARGETS), WRITE_FLAGS
+    list_events = frozenset(LIST_EVENTS)
+    readable = tuple(readable)
+    readable_below = tuple(r + "/" for r in readable)
     code_attributes = frozenset({"__code__", "__defaults__", "__kwdefaults__"})
     link_mode, dir_mode, type_mask = 0o120000, 0o040000, 0o170000
 
@@ -114,6 +134,11 @@ def make_guard(root, block_sockets):
                 return
             writes = any_(c in mode for c in "wax+") if type_(mode) is str_ else bool((flags or 0) & write_flags)
             targets, fds = (path,), ()
+        elif event in list_events:
+            path = args[0] if args else None
+            if type_(path) is int_:  # a folder descriptor: only folders inside could be opened
+                return
+            targets, writes, fds = ((path if path is not None else "."),), False, ()
         else:
             spec = None
             for name, value in path_events:
@@ -164,6 +189,10 @@ def make_guard(root, block_sockets):
                 continue
             if writes:
                 raise denied(f"sandbox: {event}: writing outside the sandbox folder is not allowed ({real})")
+            if guard_reads and not (real in readable or real.startswith(readable_below)):
+                raise denied(f"sandbox: {event}: reading outside the sandbox folder is not allowed ({real})")
+            if event in list_events:
+                continue
             try:
                 is_dir = (stat(real).st_mode & type_mask) == dir_mode
             except oserror:
@@ -181,7 +210,8 @@ def main():
     with open(settings["program"], encoding="utf-8") as f:
         source = f.read()
     code = compile(source, settings["program"], "exec")
-    sys.addaudithook(make_guard(settings["workdir"], settings["block_sockets"]))
+    guard = make_guard(settings["workdir"], settings["block_sockets"], settings.get("guard_reads", True), readable_roots())
+    sys.addaudithook(guard)
     program = types.ModuleType("__main__")
     program.__file__ = os.path.join(settings["workdir"], settings["program"])
     sys.modules["__main__"] = program
