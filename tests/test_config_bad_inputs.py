@@ -141,11 +141,32 @@ def test_unreadable_file_is_refused(tmp_path, capsys, text, words):
 
 
 def test_yaml_error_reports_line_and_column(tmp_path, capsys):
+    """Where the problem starts (the bracket that opened), and where the parser gave up."""
     config = tmp_path / "config.yaml"
     config.write_text("model:\n  base_model: x\ntraining:\n  epochs: [1\n  micro_batch_size: 2\n")
     assert main(["validate", "--config", str(config)]) == 1
     err = capsys.readouterr().err
-    assert f"{config}:5:" in err, err
+    assert f"{config}:4:11: invalid YAML: while parsing a flow sequence that starts here" in err, err
+    assert "at line 5, column" in err
+
+
+def test_an_unterminated_quote_is_named_where_it_opens_not_at_the_end(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text('model:\n  base_model: "SmolLM2\ntraining:\n  learning_rate: 1e-4\n\n\n')
+    assert main(["validate", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"{config}:2:15: invalid YAML: while scanning a quoted scalar that starts here" in err, err
+
+
+def test_a_missing_section_does_not_hide_the_other_sections_errors(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"output": {"push_to_hub": True}, "training": {"epochs": 0}}))
+    assert main(["validate", "--config", str(config), "--no-data"]) == 1
+    err = capsys.readouterr().err
+    assert "3 errors" in err, err
+    for path in ("model: required key is missing", "training.epochs:", "output.hub_model_id:"):
+        assert path in err
+    assert "stand-in" not in err  # the placeholder that lets the rules run is never reported
 
 
 def test_missing_file(tmp_path, capsys):

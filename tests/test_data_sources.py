@@ -40,13 +40,55 @@ def test_json_list_and_json_lines_saved_as_json(tmp_path):
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("not_a_list.json", r"not_a_list\.json: expected a JSON list of rows .* got an object with keys 'rows'"),
         ("bad_line.jsonl", r"bad_line\.jsonl row 2: not valid JSON \(Expecting ',' delimiter at column 52\)"),
     ],
 )
 def test_malformed_files(name, message):
     with pytest.raises(DataError, match=message):
         read_rows(str(FIXTURES / name), field="dataset.train_path")
+
+
+def test_one_json_object_is_one_row():
+    rows = read_rows(str(FIXTURES / "not_a_list.json"), field="dataset.train_path")
+    assert len(rows) == 1 and list(rows[0]) == ["rows"]
+
+
+ROWS = [{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Say yo, ünïcode.", "output": "yo"}]
+
+
+@pytest.mark.parametrize("name", ["bom.jsonl", "bom.json", "data.jsonl.gz", "data.json.gz", "data.parquet", "data.csv",
+                                  "DATA.JSONL.GZ"])
+def test_every_file_kind_reads_the_same_rows(tmp_path, name):
+    """A UTF-8 byte-order mark (Windows editors), gzip (Open-Assistant's exports), parquet
+    and csv (what `datasets` and spreadsheets write) all give the same rows."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    path = tmp_path / name
+    jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS)
+    lower = name.lower()
+    if lower.startswith("bom"):
+        body = jsonl if lower.endswith(".jsonl") else json.dumps(ROWS, ensure_ascii=False)
+        path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    elif lower.endswith(".gz"):
+        body = jsonl if ".jsonl" in lower else json.dumps(ROWS)
+        path.write_bytes(gzip.compress(body.encode()))
+    elif lower.endswith(".parquet"):
+        pyarrow.parquet.write_table(pa.Table.from_pylist(ROWS), path)
+    else:
+        pyarrow.csv.write_csv(pa.Table.from_pylist(ROWS), path)
+    rows = read_rows(str(path), field="dataset.train_path")
+    assert list(rows) == ROWS and rows.row_numbers == [1, 2]
+
+
+def test_a_corrupt_gzip_names_the_file(tmp_path):
+    path = tmp_path / "x.jsonl.gz"
+    path.write_bytes(b"not gzip")
+    with pytest.raises(DataError, match=r"x\.jsonl\.gz: not a readable gzip file"):
+        read_rows(str(path), field="dataset.train_path")
 
 
 def test_broken_json_names_line_and_column(tmp_path):
@@ -60,7 +102,7 @@ def test_broken_json_names_line_and_column(tmp_path):
     ("content", "suffix", "message"),
     [
         ("", ".jsonl", r"dataset\.train_path: .*empty\.jsonl has no rows"),
-        ("a,b\n1,2\n", ".csv", r"dataset\.train_path: .*empty\.csv is a '\.csv' file; local data must be \.json"),
+        ("a,b\n1,2\n", ".txt", r"dataset\.train_path: .*empty\.txt is a '\.txt' file; local data must be \.json"),
     ],
 )
 def test_empty_or_unsupported_files(tmp_path, content, suffix, message):
@@ -170,7 +212,7 @@ def test_s3_bad_row_names_the_uri(bucket, builtin_tokenizer_dir):
         ("s3://datasets/fixtures/nope.jsonl", r"dataset\.train_path: s3://datasets/fixtures/nope\.jsonl does not exist"),
         ("s3://no-such-bucket/x.jsonl", r"dataset\.train_path: s3://no-such-bucket/x\.jsonl does not exist"),
         ("s3://datasets/fixtures/", r"must name one object"),
-        ("s3://datasets/fixtures/data.parquet", r"must be a \.json or \.jsonl object"),
+        ("s3://datasets/fixtures/data.txt", r"must be a \.json .*\.parquet or \.csv object"),
     ],
 )
 def test_s3_errors(bucket, uri, message):

@@ -171,8 +171,9 @@ def test_spectrum_trains_selected_modules_and_writes_selection(tiny_model_dir, b
     for kind in selection.types:  # the trained one of each type has the higher SNR
         pair = sorted((m for m in selection.modules if m.type == kind), key=lambda m: -m.snr)
         assert [m.trained for m in pair] == [True, False]
-    assert trainable(result.model) == {f"{name}.weight" for name in selection.trained}
-    assert not result.model.model.embed_tokens.weight.requires_grad
+    # plus the (tied) embeddings and head, as in the reference: one parameter
+    assert trainable(result.model) == {f"{name}.weight" for name in selection.trained} | {"model.embed_tokens.weight"}
+    assert result.model.model.embed_tokens.weight.requires_grad
     assert not result.model.model.norm.weight.requires_grad
 
     written = json.loads((tmp_path / "spectrum_selection.json").read_text())
@@ -228,7 +229,7 @@ def test_spectrum_on_4bit_trains_in_the_transformers_trainer(tiny_model_dir, bat
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
     changed = {n for n, p in result.model.named_parameters() if not torch.equal(before[n], p.detach())}
-    assert changed == {f"{name}.weight" for name in result.spectrum.trained}
+    assert changed == {f"{name}.weight" for name in result.spectrum.trained} | {"model.embed_tokens.weight"}
 
 
 def test_spectrum_layers_on_8bit(tiny_model_dir, batch, tmp_path):
@@ -277,6 +278,6 @@ def test_evaluating_first_does_not_change_4bit_gradients(tiny_model_dir, batch):
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     plain, after_eval = grads(False), grads(True)
-    assert plain.keys() == after_eval.keys() and len(plain) == 7
+    assert plain.keys() == after_eval.keys() and len(plain) == 7 + 1  # layer 0's projections, the tied embeddings
     for name in plain:
         torch.testing.assert_close(after_eval[name], plain[name], msg=name)

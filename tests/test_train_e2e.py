@@ -154,7 +154,7 @@ def test_qlora_on_4bit_nf4(tmp_path, tiny_model_dir, capsys, optimizer):
 @pytest.fixture(scope="module")
 def roomy_tiny_dir(tmp_path_factory, tiny_model_dir):
     """The tiny Llama with 5x larger (tied) embeddings, so its logits can move several nats
-    when only projections train (Spectrum leaves embeddings and the head frozen)."""
+    when only projections train (as with fine_tuning.spectrum.train_embeddings: false)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -183,6 +183,7 @@ def test_spectrum_trains_only_the_selected_modules(tmp_path, roomy_tiny_dir, cap
     moved = changed(tiny_model_dir, weights)
     projections = {n for n in weights if n.endswith("_proj.weight")}
     assert moved & projections and projections - moved  # some projections trained, some frozen
+    assert "model.embed_tokens.weight" in moved  # the (tied) embeddings and head train by default
 
 
 def test_a_plugin_stops_with_its_exit_code_and_the_next_run_resumes(tmp_path, tiny_model_dir, capsys, monkeypatch):

@@ -58,3 +58,39 @@ def test_training_progress_and_checkpoint_reach_the_status(tmp_path, tiny_model_
     assert evaluation["stages"] == ["before", "after"]
     assert evaluation["resultsUri"] == f"file://{storage}/final/evaluation.json"
     assert {m["benchmark"] for m in evaluation["metrics"]} == {"domain-specific-eval", "human-eval"}
+
+
+def test_skipped_bad_rows_are_counted_in_the_log_metrics_and_status(tmp_path, tiny_model_dir, cluster, emulator):
+    """dataset.skip_bad_rows: the bad rows are skipped, and the count reaches the log,
+    metrics.jsonl's data line and status.progress.skippedRows; one more bad row than the
+    bound fails the run listing them all."""
+    cluster.apply_job("demo", {"model": {"base_model": "x"}})
+    rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()] * 3
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"instruction": "no output"}\n[1, 2]\n')
+    config = tmp_path / "config.yaml"
+    cfg = {
+        "model": {"base_model": str(tiny_model_dir)},
+        "training": {"max_steps": 2, "max_seq_length": 64, "mixed_precision": "no"},
+        "dataset": {"train_path": str(data), "skip_bad_rows": 2},
+        "output": {"output_dir": str(tmp_path / "out"), "logging_steps": 1},
+    }
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "FINETUNE_STATUS_URL": f"{emulator.url}/apis/finetune.dev/v1alpha1/namespaces/default/finetunejobs/demo/status"}
+    command = [sys.executable, "-m", "finetune_trainer.cli", "train", "--config", str(config)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    bad = len(rows) + 1
+    assert f"row {bad}: missing field 'output'" in proc.stderr and f"row {bad + 1}: expected a JSON object" in proc.stderr
+    assert "skipped (dataset.skip_bad_rows: 2)" in proc.stderr
+    first = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["data"]["train"]["skipped"] == 2 and first["data"]["train"]["samples"] == len(rows)
+    progress = wait_for(lambda: ((cluster.job("demo") or {}).get("status") or {}).get("progress"), what="status.progress")
+    assert progress["skippedRows"] == 2 and progress["samples"] == len(rows)
+
+    cfg["dataset"]["skip_bad_rows"] = 1
+    config.write_text(yaml.safe_dump(cfg))
+    failed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert failed.returncode == 1
+    assert "2 bad rows is more than dataset.skip_bad_rows (1)" in failed.stderr

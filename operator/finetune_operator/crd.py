@@ -325,6 +325,8 @@ def status_schema() -> dict[str, Any]:
             "learningRate": _num("Current learning rate."),
             "tokensPerSecond": _num("Training throughput."),
             "checkpointUri": {"type": "string", "description": "Newest complete checkpoint in storage."},
+            "samples": {"type": "integer", "description": "Training samples after the data stage."},
+            "skippedRows": {"type": "integer", "description": "Bad data rows skipped (dataset.skip_bad_rows)."},
             "lastUpdatedTime": {"type": "string", "format": "date-time"},
             "metrics": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
         },

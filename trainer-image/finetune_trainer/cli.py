@@ -42,7 +42,9 @@ def _load_any(path: str, overrides: list[str], mode: str):
     if data.get("kind") == "FineTuneJob" or "spec" in data and "apiVersion" in data:
         from finetune_operator.manifest import validate_manifest
 
-        return validate_manifest(data, overrides, mode=mode, base_dir=base_dir)
+        loaded = validate_manifest(data, overrides, mode=mode, base_dir=base_dir)
+        loaded.manifest = True  # its data is read in the cluster, not here
+        return loaded
     if overrides:
         data = apply_overrides(data, parse_overrides(overrides))
     loaded = validate_data(data, mode=mode, base_dir=base_dir)
@@ -55,9 +57,31 @@ def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
 
     loaded = _load_any(args.config, overrides, "validate")
     _print_issues([], loaded.warnings, args.config)
+    check = None
+    if not getattr(loaded, "manifest", False) and args.data:
+        from .data.check import check_data
+
+        check = check_data(loaded.config)
+        for warning in check.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        if check.errors:
+            for error in check.errors:
+                print(error, file=sys.stderr)
+            noun = "file has" if len(check.errors) == 1 else "files have"
+            print(f"{args.config}: the config is valid, but {len(check.errors)} data {noun} errors.", file=sys.stderr)
+            return EXIT_INVALID
     print(f"{args.config}: valid.")
     print(summarize(loaded.config))
+    for line in check.lines if check else ():
+        print(line)
     return EXIT_OK
+
+
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    _config_arg(p)
+    p.add_argument("--no-data", dest="data", action="store_false",
+                   help="check only the config; by default local and s3:// data files are read and tokenized "
+                        "(never downloaded from the Hub; a FineTuneJob manifest's data is read in the cluster)")
 
 
 def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -87,7 +111,8 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", "-f", required=True, help="config YAML (seed format) or FineTuneJob manifest")
 
 
-register("validate", "check a config or FineTuneJob manifest and summarize it", _config_arg)(cmd_validate)
+register("validate", "check a config (and its data) or a FineTuneJob manifest, and summarize it",
+         _validate_args)(cmd_validate)
 register("config", "print the resolved config (defaults filled, overrides applied)", _config_arg)(cmd_config)
 
 

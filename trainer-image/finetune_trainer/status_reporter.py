@@ -50,6 +50,9 @@ FIELDS = {
     "learning_rate": "learningRate",
     "tokens_per_second": "tokensPerSecond",
     "eta_seconds": "estimatedRemainingSeconds",
+    # from the data stage (training/callbacks.py DataFields)
+    "samples": "samples",
+    "skipped_rows": "skippedRows",
     # from the storage plug-in (storage/plugin.py progress_fields)
     "checkpoint_uri": "checkpointUri",
     "storage_degraded": "storageDegraded",

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from .config.rules import resolve_deepspeed_path
 from .data import IGNORE_INDEX, DataError, data_collator, prepare_data
 from .training.arguments import training_arguments
 from .training.callbacks import (
+    DataFields,
+    data_record,
+    json_line,
     MetricsCallback,
     NonFiniteLossError,
     NonFiniteLossGuard,
@@ -135,6 +139,9 @@ def train(
     resume = resume or find_resume_checkpoint(out)
     if main:
         prepare_metrics_file(out / METRICS_FILE, resume_step=checkpoint_step(resume) if resume else None)
+        with (out / METRICS_FILE).open("a", encoding="utf-8") as f:
+            stats = {name: s.as_dict() for name, s in data.stats.items()}
+            f.write(json_line(data_record(stats, step=checkpoint_step(resume) if resume else 0, now=time.time())) + "\n")
         if resume:
             log.info("resuming from %s", resume)
 
@@ -148,7 +155,7 @@ def train(
         processing_class=tokenizer,
         callbacks=[
             NonFiniteLossGuard(),
-            MetricsCallback(out / METRICS_FILE, reporters=with_plugin_fields(reporters, extra)),
+            MetricsCallback(out / METRICS_FILE, reporters=with_plugin_fields(reporters, [*extra, DataFields(data.stats)])),
             session,
             *extra,
             *callbacks,

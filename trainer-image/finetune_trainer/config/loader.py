@@ -52,12 +52,23 @@ def parse_yaml(text: str, name: str = "<config>") -> Any:
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
-        problem = exc.problem or str(exc)
-        raise ConfigError([ConfigIssue("", f"{where}: invalid YAML: {problem}")]) from None
+        raise ConfigError([ConfigIssue("", yaml_error_message(exc, name))]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigIssue("", f"{name}: invalid YAML: {exc}")]) from None
+
+
+def yaml_error_message(exc: yaml.MarkedYAMLError, name: str) -> str:
+    """Where the problem starts: for an unterminated quote or bracket the parser gives up at
+    the end of the file, but its context mark is where the quote or bracket opened."""
+    problem = exc.problem or str(exc)
+    context, opened, found = exc.context, exc.context_mark, exc.problem_mark
+    if context and opened and (found is None or found.line != opened.line):
+        at = f" at line {found.line + 1}, column {found.column + 1}" if found else ""
+        return (f"{name}:{opened.line + 1}:{opened.column + 1}: invalid YAML: {context} that starts here: "
+                f"{problem}{at}")
+    mark = found or opened
+    where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+    return f"{where}: invalid YAML: {problem}"
 
 
 def read_document(path: str | Path) -> dict[str, Any]:
@@ -200,7 +211,8 @@ def validate_data(
         type_errors = from_validation_error(exc, root, prefix)
         rule_issues = _rules_without(data, exc, root, ctx)
         bad_paths = {e.path for e in type_errors}
-        extra = [i for i in _prefixed(rule_issues, prefix) if i.path not in bad_paths]
+        extra = [i for i in _prefixed(rule_issues, prefix)
+                 if not any(i.path == bad or i.path.startswith(f"{bad}.") for bad in bad_paths)]
         raise ConfigError(
             type_errors + [i for i in extra if i.severity == "error"], [i for i in extra if i.severity == "warning"]
         ) from None
@@ -220,19 +232,36 @@ def _prefixed(issues: list[ConfigIssue], prefix: tuple[Any, ...]) -> list[Config
 
 
 def _rules_without(data: dict[str, Any], exc: ValidationError, root: type[FineTuneConfig], ctx: RuleContext) -> list[ConfigIssue]:
-    """Cross-field issues of `data` with its ill-typed keys removed ([] if still invalid)."""
+    """Cross-field issues of `data` with its ill-typed keys removed and its missing required
+    ones stood in for (a missing `model:` must not hide `push_to_hub` without `hub_model_id`);
+    [] if it still cannot be validated. The stand-ins' own issues are filtered by the caller."""
     pruned = copy.deepcopy(data)
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        node: Any = pruned
-        for part in loc[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(loc[-1], None)
-    try:
-        return check(root.model_validate(pruned), ctx)
-    except ValidationError:
-        return []
+    errors = exc.errors()
+    for _ in range(4):  # a stood-in section may reveal its own required keys
+        changed = False
+        for err in errors:
+            loc = tuple(err["loc"])
+            node: Any = pruned
+            for part in loc[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                continue
+            if err["type"] == "missing":
+                node[loc[-1]] = {} if model_at(root, loc) is not None else STAND_IN
+                changed = True
+            elif loc[-1] in node:
+                node.pop(loc[-1])
+                changed = True
+        try:
+            return check(root.model_validate(pruned), ctx)
+        except ValidationError as again:
+            errors = again.errors()
+        if not changed:
+            break
+    return []
+
+
+STAND_IN = "stand-in-for-a-missing-key"
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, *, mode: Mode = "validate") -> LoadedConfig:

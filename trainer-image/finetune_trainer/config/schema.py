@@ -20,7 +20,8 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 Method = Literal["full", "lora", "qlora", "spectrum"]
 Precision = Literal["no", "fp16", "bf16"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
-DatasetFormat = Literal["alpaca", "sharegpt", "oasst", "custom"]
+DatasetFormat = Literal["alpaca", "sharegpt", "oasst", "custom", "text"]
+OasstPaths = Literal["best", "all"]
 EvalStrategy = Literal["steps", "epoch", "no"]
 Benchmark = Literal["lm-evaluation-harness", "domain-specific-eval", "human-eval"]
 # The names transformers' TrainingArguments accepts for `optim` that make sense for
@@ -141,6 +142,14 @@ class SpectrumConfig(Section):
         default="auto",
         description='"auto" to select by SNR analysis, or a list of transformer layer indices to train.',
     )
+    train_embeddings: bool = Field(
+        default=True,
+        description=(
+            "Also train the input embeddings (embed_tokens) and the output head (lm_head), as the reference "
+            "Spectrum implementation does; tied embeddings are one matrix, trained once. false keeps both "
+            "frozen (with a large vocabulary they are a large share of a small model)."
+        ),
+    )
 
     @field_validator("layers_to_finetune", mode="before")
     @classmethod
@@ -253,7 +262,9 @@ class DatasetConfig(Section):
     """The training (and evaluation) data."""
 
     format: DatasetFormat = Field(
-        default="alpaca", description='Dataset format: "alpaca", "sharegpt", "oasst" or "custom".'
+        default="alpaca",
+        description='Dataset format: "alpaca", "sharegpt", "oasst", "custom", or "text" (raw documents for '
+        'continued pre-training: every token learned, long documents split into max_seq_length pieces).',
     )
     train_path: NonEmptyStr | None = Field(
         default=None,
@@ -267,6 +278,16 @@ class DatasetConfig(Section):
     )
     custom: CustomFormatConfig = Field(
         default_factory=CustomFormatConfig, description='Templates for format "custom" (ignored otherwise).'
+    )
+    skip_bad_rows: int = Field(
+        default=0, ge=0,
+        description="Skip up to this many malformed rows per file (counted in the log, metrics.jsonl and the "
+        "job's status); more fails the run. 0: any bad row stops the run, every bad row listed.",
+    )
+    oasst_paths: OasstPaths = Field(
+        default="best",
+        description='Format "oasst": "best" follows the best-ranked reply at each branch (one conversation '
+        'per tree); "all" trains on every root-to-leaf path.',
     )
 
 

@@ -27,13 +27,17 @@ def _what_trains(cfg: FineTuneConfig) -> str:
         bias = "" if lora.bias == "none" else f", plus {lora.bias} biases"
         return f"rank-{lora.r} adapters (alpha {lora.alpha:g}, dropout {lora.dropout:g}) on {targets}{bias}; the base stays frozen"
     sp = ft.spectrum
+    embeddings = (
+        ", plus the input embeddings and output head (once when tied)" if sp.train_embeddings
+        else "; the input embeddings and output head stay frozen (train_embeddings: false)"
+    )
     if sp.layers_to_finetune == "auto":
         share = (1 - sp.snr_threshold) * 100
         return (
-            f"the top {share:.0f}% of each module type by signal-to-noise ratio (snr_threshold {sp.snr_threshold:g}); "
-            "the rest is frozen"
+            f"the top {share:.0f}% of each module type by signal-to-noise ratio (snr_threshold {sp.snr_threshold:g})"
+            f"{embeddings}; the rest is frozen"
         )
-    return f"transformer layers {', '.join(map(str, sp.layers_to_finetune))}; the rest is frozen"
+    return f"transformer layers {', '.join(map(str, sp.layers_to_finetune))}{embeddings}; the rest is frozen"
 
 
 def summarize(cfg: FineTuneConfig) -> str:

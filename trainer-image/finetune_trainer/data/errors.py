@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DataError(ValueError):
     """Bad or missing training data. Permanent: a retry cannot fix it, so the trainer exits
@@ -18,3 +20,16 @@ class RowProblem(Exception):
 
 def row_error(source: str, row: int, problem: str | Exception) -> DataError:
     return DataError(f"{source} row {row}: {problem}")
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in words, for messages ("got a list")."""
+    return {
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)

@@ -1,59 +1,94 @@
-"""Dataset formats -> conversations: lists of `{"role": "system"|"user"|"assistant", "content": str}`.
+"""Dataset formats -> conversations: lists of turns `{"role", "content"}`, role one of
+system, user, assistant, tool. An assistant turn may carry `tool_calls` ([{"type":
+"function", "function": {"name", "arguments": {...}}}], what it learns besides its content)
+and `weight` (0: not learned); a tool turn may carry `tool_call_id` and `name`. A
+conversation's row-level tool schemas are `Conversation.tools`.
 
 Pure functions over rows (dicts); no I/O, no tokenizer. Each parser raises `RowProblem`
-with what is wrong; `numbered_conversations` adds the file and the 1-based row number.
+with what is wrong; `parse_rows` collects every bad row with its 1-based number, and
+`numbered_conversations` raises one `DataError` listing them (file, row, field).
 
 Formats (`dataset.format`):
-- alpaca:   {instruction, input?, output, system?}; the user turn is the instruction, then a
-            blank line and the input when there is one.
-- sharegpt: {conversations: [{from, value}]} with from in human/gpt/system (user/assistant
-            accepted too); a `messages: [{role, content}]` column is read the same way.
-- oasst:    OpenAssistant message trees, one message per row {message_id, parent_id, role
-            "prompter"/"assistant", text, rank?, lang?, deleted?}. Each tree becomes one
-            conversation: from the root, follow the best reply at every branch (lowest rank;
-            unranked after ranked; file order breaks ties) down to a leaf. Deleted messages
-            and their replies are skipped; a missing parent_id means a root. Also the one-column
-            form {text: "### Human: ... ### Assistant: ..."} (any number of turns, optional
-            leading "### System:").
+- alpaca:   {instruction, input?, output, system?, history?}; the user turn is the
+            instruction, then a blank line and the input when there is one; `history`
+            ([[user, assistant], ...], LLaMA-Factory) becomes the earlier turns.
+- sharegpt: {conversations: [{from, value}], system?, tools?} with from in human/gpt/system
+            (user/assistant accepted too), function_call (the assistant's tool call, a JSON
+            {name, arguments}) and observation (the tool's result); a row's `system` is its
+            system prompt, `tools` its tool schemas (a JSON list, or a string holding one).
+            The OpenAI chat layout `messages: [{role, content}]` is read the same way:
+            content a string, a list of text parts, or null beside `tool_calls`; role `tool`
+            with `tool_call_id`; `weight: 0` on an assistant turn masks it; a row-level
+            `tools` list.
+- oasst:    Open-Assistant message trees (oasst.py): one message per row {message_id,
+            parent_id, role "prompter"/"assistant", text, rank?, deleted?}, nested trees as the
+            `*.trees.jsonl` exports ship them ({message_tree_id, prompt: {..., replies: [...]}}
+            or a root message with replies), and the one-column form {text: "### Human: ...
+            ### Assistant: ..."}, mixed freely. `dataset.oasst_paths`: "best" follows the best
+            reply at every branch (lowest rank; unranked after ranked; file order breaks ties),
+            "all" every root-to-leaf path. Deleted messages and their replies are skipped.
 - custom:   dataset.custom.prompt_template / response_template / system_template, Python
             format strings over the row's fields.
 
-Every format: trailing non-assistant turns are dropped (nothing to learn from them), and a
-row with no assistant turn left is malformed.
+- text:     {text}: raw documents for continued pre-training; every token is learned (see
+            `text_document`; the tokenizer splits long ones into max_seq_length pieces).
+
+Every conversational format: trailing non-assistant turns are dropped (nothing to learn from
+them), and a row with no assistant turn left to learn (all of them `weight: 0`) is malformed.
+Images, audio and video (a media content part, or an `images`/`videos`/`audios` column) are
+refused: this trainer trains text-only models, and a placeholder trained as text is wrong.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import DataError, RowProblem, row_error
+from .errors import json_kind as _kind
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from finetune_trainer.config.schema import CustomFormatConfig, FineTuneConfig
 
-Turn = dict[str, str]
-Conversation = list[Turn]
+Turn = dict[str, Any]
+
+
+class Conversation(list):
+    """Turns, and the tool schemas the row offers the model (None: no tools)."""
+
+    def __init__(self, turns: Sequence[Turn] = (), tools: list[dict[str, Any]] | None = None):
+        super().__init__(turns)
+        self.tools = tools
+
+
+MAX_LISTED_PROBLEMS = 20
+TEXT_ONLY = ("this trainer trains text-only models; remove the {what} (and any <image>/<audio> "
+             "placeholders in the text), or use a vision/audio-language trainer")
+MEDIA_COLUMNS = ("images", "videos", "audios", "image", "audio", "video")
+MEDIA_PART_TYPES = {"image", "image_url", "input_image", "audio", "input_audio", "audio_url", "video", "video_url", "file"}
+TEXT_PART_TYPES = {"text", "input_text", "output_text"}
 
 ALPACA_NEEDS = "alpaca rows need instruction and output"
 SHAREGPT_NEEDS = "sharegpt rows need conversations: a list of {from, value} turns"
-OASST_NEEDS = (
-    "oasst rows need message_id, parent_id, role and text, or a single text column in the "
-    "'### Human: ... ### Assistant: ...' form"
-)
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
     "system": "system",
+    "function_call": "assistant",  # LLaMA-Factory: the assistant's tool call, its value a JSON call
+    "observation": "tool",  # LLaMA-Factory: the tool's result
+    "tool": "tool",
+    "function": "tool",  # OpenAI's legacy function-calling result
+    "ipython": "tool",  # Llama 3.1's name for the tool's result
 }
-OASST_ROLES = {"prompter": "user", "user": "user", "assistant": "assistant"}
-TEXT_TURN_MARKER = re.compile(r"###\s*(Human|Assistant|System)\s*:", re.IGNORECASE)
-TEXT_ROLES = {"human": "user", "assistant": "assistant", "system": "system"}
+TOOL_CALL_ROLES = {"function_call"}
 
 
 # --- entry points -------------------------------------------------------------------------
@@ -66,12 +101,13 @@ def row_numbers(rows: Sequence[Any]) -> list[int]:
     return list(numbers) if numbers is not None else list(range(1, len(rows) + 1))
 
 
-def numbered_conversations(rows: Sequence[Any], cfg: FineTuneConfig, *, source: str) -> list[tuple[int, Conversation]]:
-    """Each conversation with the row it came from (the root's row for oasst trees)."""
+def parse_rows(rows: Sequence[Any], cfg: FineTuneConfig, *, source: str) -> tuple[list[tuple[int, Conversation]], list[tuple[int, str]]]:
+    """Every good row's conversation with its row number (the root's row for oasst trees),
+    and every bad row's (number, what is wrong): one bad row never hides the next."""
     fmt = cfg.dataset.format
     numbers = row_numbers(rows)
     if fmt == "oasst":
-        return oasst_conversations(rows, numbers, source=source)
+        return _oasst(rows, numbers, cfg, source=source)
     parse: Callable[[dict[str, Any]], Conversation]
     if fmt == "alpaca":
         parse = alpaca_turns
@@ -79,20 +115,51 @@ def numbered_conversations(rows: Sequence[Any], cfg: FineTuneConfig, *, source: 
         parse = sharegpt_turns
     elif fmt == "custom":
         parse = custom_parser(cfg.dataset.custom)
+    elif fmt == "text":
+        parse = text_document_row
     else:  # the schema forbids it; kept for callers that build configs by hand
-        raise DataError(f"dataset.format: unknown format {fmt!r}; use alpaca, sharegpt, oasst or custom")
-    out = []
+        raise DataError(f"dataset.format: unknown format {fmt!r}; use alpaca, sharegpt, oasst, custom or text")
+    out, problems = [], []
     for number, row in zip(numbers, rows):
         try:
-            out.append((number, parse(_mapping(row))))
+            row = _mapping(row)
+            _refuse_media_columns(row)
+            out.append((number, parse(row)))
         except RowProblem as problem:
-            raise row_error(source, number, problem) from None
+            problems.append((number, str(problem)))
+    return out, problems
+
+
+def bad_rows_error(source: str, problems: Sequence[tuple[int, str]], *, hint: str = "") -> DataError:
+    """One message for every bad row: the first MAX_LISTED_PROBLEMS, then a count."""
+    if len(problems) == 1:
+        number, message = problems[0]
+        return row_error(source, number, message + hint)
+    listed = "\n".join(f"  row {n}: {m}" for n, m in problems[:MAX_LISTED_PROBLEMS])
+    more = len(problems) - MAX_LISTED_PROBLEMS
+    tail = f"\n  ... and {more} more bad rows" if more > 0 else ""
+    return DataError(f"{source}: {len(problems)} bad rows:\n{listed}{tail}{hint}")
+
+
+def numbered_conversations(rows: Sequence[Any], cfg: FineTuneConfig, *, source: str) -> list[tuple[int, Conversation]]:
+    """Each conversation with the row it came from; `DataError` listing every bad row."""
+    out, problems = parse_rows(rows, cfg, source=source)
+    if problems:
+        raise bad_rows_error(source, problems)
     return out
 
 
 def to_conversations(rows: Sequence[Any], cfg: FineTuneConfig, *, source: str) -> list[Conversation]:
-    """Rows of `cfg.dataset.format` -> conversations; `DataError` (file, row, field) on a bad row."""
+    """Rows of `cfg.dataset.format` -> conversations; `DataError` (file, row, field) on bad rows."""
     return [turns for _, turns in numbered_conversations(rows, cfg, source=source)]
+
+
+def _oasst(rows: Sequence[Any], numbers: Sequence[int], cfg: FineTuneConfig, *, source: str):
+    from .oasst import oasst_conversations
+
+    result = oasst_conversations(rows, numbers, source=source, paths=cfg.dataset.oasst_paths)
+    log.info("%s: %s", source, result.summary())
+    return [(n, Conversation(turns)) for n, turns in result.conversations], list(result.problems)
 
 
 # --- field helpers --------------------------------------------------------------------------
@@ -102,18 +169,6 @@ def _mapping(row: Any) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise RowProblem(f"expected a JSON object, got {_kind(row)}")
     return row
-
-
-def _kind(value: Any) -> str:
-    return {
-        type(None): "null",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)
 
 
 def _text(row: dict[str, Any], name: str, *, needs: str, where: str = "") -> str:
@@ -137,13 +192,103 @@ def _optional_text(row: dict[str, Any], name: str) -> str | None:
     return value if value.strip() else None
 
 
-def _finish(turns: Conversation, *, what: str) -> Conversation:
-    """Drop trailing turns that are not the assistant's; insist one is left."""
+def _finish(turns: Sequence[Turn], *, what: str, tools: list[dict[str, Any]] | None = None) -> Conversation:
+    """Drop trailing turns that are not the assistant's; insist one is left to learn."""
+    turns = list(turns)
     while turns and turns[-1]["role"] != "assistant":
         turns = turns[:-1]
     if not turns:
         raise RowProblem(f"{what} has no assistant turn to learn from")
-    return turns
+    if all(t.get("weight", 1) == 0 for t in turns if t["role"] == "assistant"):
+        raise RowProblem(f"{what}: every assistant turn has weight 0, so nothing is learned from this row; "
+                         "give one weight 1 or remove the row")
+    return Conversation(turns, tools)
+
+
+def _refuse_media_columns(row: dict[str, Any]) -> None:
+    for column in MEDIA_COLUMNS:
+        if row.get(column) not in (None, [], "", {}):
+            raise RowProblem(f"field '{column}': " + TEXT_ONLY.format(what=f"'{column}' column"))
+
+
+def _content(value: Any, *, where: str, allow_null: bool = False) -> str:
+    """A turn's content: a string, or a list of text parts (OpenAI, LLaMA-Factory v1),
+    joined with newlines. Media parts are refused."""
+    if value is None:
+        if allow_null:
+            return ""
+        raise RowProblem(f"{where}: content is null")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise RowProblem(f"{where}: content must be a string or a list of text parts, got {_kind(value)}")
+    texts = []
+    for i, part in enumerate(value):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in MEDIA_PART_TYPES:
+            raise RowProblem(f"{where}[{i}] is an {kind!r} part: " + TEXT_ONLY.format(what=f"{kind} part"))
+        text = part.get("text", part.get("value")) if isinstance(part, dict) else None
+        if (kind is not None and kind not in TEXT_PART_TYPES) or not isinstance(text, str):
+            raise RowProblem(f"{where}[{i}]: expected a text part {{\"type\": \"text\", \"text\": ...}}, got {_kind(part)}"
+                             + (f" of type {kind!r}" if kind else ""))
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _json_value(value: Any, *, where: str, expected: str) -> Any:
+    """A JSON column that may arrive as a string holding JSON (LLaMA-Factory's tools)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowProblem(f"{where}: not valid JSON ({exc.msg} at character {exc.pos}); expected {expected}") from None
+    return value
+
+
+def _tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The row's tool schemas as [{"type": "function", "function": {name, ...}}]."""
+    if row.get("tools") in (None, "", []):
+        return None
+    tools = _json_value(row["tools"], where="field 'tools'", expected="a list of JSON schemas of functions")
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list):
+        raise RowProblem(f"field 'tools' must be a list of function schemas, got {_kind(tools)}")
+    out = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RowProblem(f"field 'tools'[{i}]: a function schema needs a name "
+                             "({\"name\": ..., \"description\": ..., \"parameters\": {...}})")
+        out.append({"type": "function", "function": function})
+    return out or None
+
+
+def _tool_call(call: Any, *, where: str) -> dict[str, Any]:
+    """One call as {"type": "function", "function": {"name", "arguments": {...}}} from
+    OpenAI's form ({id?, type, function: {name, arguments: JSON string}}) or a bare
+    {name, arguments}."""
+    call = _json_value(call, where=where, expected='{"name": ..., "arguments": {...}}')
+    if not isinstance(call, dict):
+        raise RowProblem(f"{where}: a tool call must be an object with name and arguments, got {_kind(call)}")
+    function = call.get("function", call)
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name:
+        raise RowProblem(f"{where}: a tool call needs the function's name")
+    arguments = _json_value(function.get("arguments", {}), where=f"{where}.arguments", expected="a JSON object")
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        raise RowProblem(f"{where}.arguments must be a JSON object, got {_kind(arguments)}")
+    out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
 
 
 def _system_first(turns: Conversation, *, label: Callable[[int], str]) -> None:
@@ -162,7 +307,22 @@ def alpaca_turns(row: dict[str, Any]) -> Conversation:
     system = _optional_text(row, "system")
     user = f"{instruction}\n\n{extra}" if extra else instruction
     turns = [{"role": "system", "content": system}] if system else []
-    return [*turns, {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    turns += _alpaca_history(row.get("history"))
+    return Conversation([*turns, {"role": "user", "content": user}, {"role": "assistant", "content": output}])
+
+
+def _alpaca_history(history: Any) -> list[Turn]:
+    """LLaMA-Factory's `history`: [[user, assistant], ...], the turns before this one."""
+    if history in (None, []):
+        return []
+    if not isinstance(history, list):
+        raise RowProblem(f"field 'history' must be a list of [user, assistant] pairs, got {_kind(history)}")
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(t, str) and t.strip() for t in pair)):
+            raise RowProblem(f"field 'history'[{i}] must be a pair of non-empty strings [user, assistant]")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return turns
 
 
 # --- sharegpt -------------------------------------------------------------------------------
@@ -176,8 +336,13 @@ def sharegpt_turns(row: dict[str, Any]) -> Conversation:
     if not isinstance(entries, list) or not entries:
         raise RowProblem(f"field '{column}' must be a non-empty list of {{from, value}} turns, got {_kind(entries)}")
     turns = [_sharegpt_turn(entry, f"{column}[{i}]") for i, entry in enumerate(entries)]
-    _system_first(turns, label=lambda i: f"{column}[{i}]")
-    return _finish(turns, what=f"field '{column}'")
+    system = _optional_text(row, "system")
+    if system is not None:
+        if turns[0]["role"] == "system":
+            raise RowProblem(f"the row has both a field 'system' and a system turn ({column}[0]); keep one")
+        turns.insert(0, {"role": "system", "content": system})
+    _system_first(turns, label=lambda i: f"{column}[{i - (system is not None)}]")
+    return _finish(turns, what=f"field '{column}'", tools=_tools(row))
 
 
 def _sharegpt_turn(entry: Any, label: str) -> Turn:
@@ -191,125 +356,56 @@ def _sharegpt_turn(entry: Any, label: str) -> Turn:
     role = SHAREGPT_ROLES.get(str(speaker).lower()) if isinstance(speaker, str) else None
     if role is None:
         raise RowProblem(
-            f"{label}.{role_key} is {speaker!r}; expected one of human, gpt, system (or user, assistant)"
+            f"{label}.{role_key} is {speaker!r}; expected one of human, gpt, system, function_call, observation "
+            "(or user, assistant, tool)"
         )
-    content = _text(entry, text_key, needs=SHAREGPT_NEEDS, where=f"{label}: ")
-    return {"role": role, "content": content}
+    if isinstance(speaker, str) and speaker.lower() in TOOL_CALL_ROLES:  # the value is the call itself
+        if text_key not in entry:
+            raise RowProblem(f"{label}: missing field '{text_key}' (the call as JSON: {{\"name\": ..., \"arguments\": {{...}}}})")
+        calls = _json_value(entry[text_key], where=f"{label}.{text_key}", expected='{"name": ..., "arguments": {...}}')
+        calls = calls if isinstance(calls, list) else [calls]
+        return {"role": "assistant", "content": "",
+                "tool_calls": [_tool_call(c, where=f"{label}.{text_key}") for c in calls]}
+    tool_calls = entry.get("tool_calls") or ([entry["function_call"]] if entry.get("function_call") else None)
+    if tool_calls is not None and role != "assistant":
+        raise RowProblem(f"{label}: only an assistant turn can make tool calls (this one is {speaker!r})")
+    if text_key not in entry and not tool_calls:
+        raise RowProblem(f"{label}: missing field '{text_key}' ({SHAREGPT_NEEDS})")
+    content = _content(entry.get(text_key), where=f"{label}.{text_key}", allow_null=bool(tool_calls))
+    if not content.strip() and not tool_calls:
+        raise RowProblem(f"{label}: field '{text_key}' is empty")
+    turn: Turn = {"role": role, "content": content}
+    if tool_calls:
+        if not isinstance(tool_calls, list):
+            raise RowProblem(f"{label}.tool_calls must be a list, got {_kind(tool_calls)}")
+        turn["tool_calls"] = [_tool_call(c, where=f"{label}.tool_calls[{i}]") for i, c in enumerate(tool_calls)]
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(entry.get(key), str) and entry[key]:
+                turn[key] = entry[key]
+    if "weight" in entry:
+        weight = entry["weight"]
+        if role != "assistant":
+            raise RowProblem(f"{label}.weight: only assistant turns have a weight (this one is {speaker!r})")
+        if weight not in (0, 1) or isinstance(weight, bool):
+            raise RowProblem(f"{label}.weight must be 0 (not learned) or 1 (learned), got {weight!r}")
+        turn["weight"] = int(weight)
+    return turn
 
 
-# --- oasst ----------------------------------------------------------------------------------
+# --- text -----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Message:
-    id: str
-    parent: str | None
-    role: str
-    text: str
-    rank: float | None
-    row: int
-    order: int
+def text_document_row(row: dict[str, Any]) -> Conversation:
+    """A raw document as one pseudo-turn {"role": "text"}: tokenize.py learns all of it."""
+    return Conversation([{"role": "text", "content": text_document(row)}])
 
 
-def oasst_conversations(rows: Sequence[Any], numbers: Sequence[int], *, source: str) -> list[tuple[int, Conversation]]:
-    """Trees and one-column text rows, in file order (a tree where its root is)."""
-    items: list[tuple[int, Conversation | _Message]] = []
-    deleted: set[str] = set()
-    for order, (number, row) in enumerate(zip(numbers, rows)):
-        try:
-            row = _mapping(row)
-            if "message_id" in row:
-                message = _oasst_message(row, number, order)
-                if row.get("deleted") is True:
-                    deleted.add(message.id)
-                else:
-                    items.append((number, message))
-            elif "text" in row:
-                items.append((number, oasst_text_turns(row)))
-            else:
-                raise RowProblem(f"missing field 'text' ({OASST_NEEDS})")
-        except RowProblem as problem:
-            raise row_error(source, number, problem) from None
-    messages = [m for _, m in items if isinstance(m, _Message)]
-    trees = _oasst_trees(messages, deleted, source=source)
-    out: list[tuple[int, Conversation]] = []
-    for number, item in items:
-        if not isinstance(item, _Message):
-            out.append((number, item))
-        elif item.id in trees:
-            out.append((number, trees[item.id]))
-    return out
+def text_document(row: dict[str, Any]) -> str:
+    return _text(row, "text", needs="text rows need a field 'text' holding the document")
 
 
-def _oasst_message(row: dict[str, Any], number: int, order: int) -> _Message:
-    message_id = row["message_id"]
-    if not isinstance(message_id, str) or not message_id:
-        raise RowProblem(f"field 'message_id' must be a non-empty string, got {_kind(message_id)}")
-    parent = row.get("parent_id")
-    if parent is not None and not isinstance(parent, str):
-        raise RowProblem(f"field 'parent_id' must be a string or null, got {_kind(parent)}")
-    if "role" not in row or row["role"] is None:
-        raise RowProblem(f"missing field 'role' ({OASST_NEEDS})")
-    role = OASST_ROLES.get(row["role"]) if isinstance(row["role"], str) else None
-    if role is None:
-        raise RowProblem(f"field 'role' is {row['role']!r}; expected 'prompter' or 'assistant'")
-    text = _text(row, "text", needs=OASST_NEEDS)
-    rank = row.get("rank")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | float)):
-        raise RowProblem(f"field 'rank' must be a number or null, got {_kind(rank)}")
-    return _Message(message_id, parent or None, role, text, rank, number, order)
-
-
-def _oasst_trees(messages: list[_Message], deleted: set[str], *, source: str) -> dict[str, Conversation]:
-    """root message_id -> the conversation along the best replies; roots without any
-    assistant reply are left out (a prompt nobody answered teaches nothing)."""
-    by_id: dict[str, _Message] = {}
-    for m in messages:
-        if m.id in by_id:
-            raise row_error(source, m.row, f"message_id {m.id!r} appears twice (also row {by_id[m.id].row})")
-        by_id[m.id] = m
-    children: dict[str, list[_Message]] = {}
-    roots: list[_Message] = []
-    for m in messages:
-        if m.parent is None:
-            if m.role != "user":
-                raise row_error(source, m.row, f"a conversation must start with a prompter message, "
-                                               f"but root message {m.id!r} has role 'assistant'")
-            roots.append(m)
-        elif m.parent in by_id:
-            children.setdefault(m.parent, []).append(m)
-        elif m.parent not in deleted:  # replies to deleted messages go with them
-            raise row_error(source, m.row, f"field 'parent_id' is {m.parent!r}, which matches no message_id in the file")
-    trees = {}
-    for root in roots:
-        path = [root]
-        while children.get(path[-1].id):
-            path.append(min(children[path[-1].id], key=_best_reply))
-        turns = [{"role": m.role, "content": m.text} for m in path]
-        try:
-            trees[root.id] = _finish(turns, what=f"message tree {root.id!r}")
-        except RowProblem:
-            continue
-    return trees
-
-
-def _best_reply(m: _Message) -> tuple[bool, float, int]:
-    return (m.rank is None, m.rank if m.rank is not None else 0.0, m.order)
-
-
-def oasst_text_turns(row: dict[str, Any]) -> Conversation:
-    """'### Human: ... ### Assistant: ...' (as in timdettmers/openassistant-guanaco)."""
-    text = _text(row, "text", needs=OASST_NEEDS)
-    parts = TEXT_TURN_MARKER.split(text)
-    if parts[0].strip():
-        raise RowProblem("field 'text' must start with '### Human:' (or '### System:')")
-    turns = []
-    for n, (speaker, content) in enumerate(zip(parts[1::2], parts[2::2]), start=1):
-        if not content.strip():
-            raise RowProblem(f"field 'text': turn {n} ('### {speaker}:') is empty")
-        turns.append({"role": TEXT_ROLES[speaker.lower()], "content": content.strip()})
-    _system_first(turns, label=lambda i: f"field 'text': turn {i + 1}")
-    return _finish(turns, what="field 'text'")
+# --- oasst: see oasst.py (flat message rows, nested trees, tree exports, '### Human:' text) ---
 
 
 # --- custom ---------------------------------------------------------------------------------

@@ -4,7 +4,10 @@
 1. `s3://bucket/key.jsonl` -> downloaded to a temp file (boto3's transfer manager; endpoint
    from AWS_ENDPOINT_URL, credentials from the usual AWS variables), then read as a file.
 2. An existing file -> `.jsonl` (one object per line; row numbers are line numbers, blank
-   lines skipped) or `.json` (a list of objects; JSON Lines in a .json file are accepted).
+   lines skipped) or `.json` (a list of objects, or one object: one row; JSON Lines in a
+   .json file are accepted), either gzipped (`.jsonl.gz`, as Open-Assistant ships its
+   exports), with or without a UTF-8 byte-order mark; `.parquet` and `.csv` (read with
+   pyarrow, which `datasets` uses underneath; row numbers count data rows from 1).
 3. An existing directory, or `DIR:split` -> `datasets.load_dataset(DIR, split=...)`.
 4. Something that looks like a file path (ends in .json/.jsonl, starts with / ./ ../ ~)
    but is not there -> `DataError` naming the config field.
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -23,7 +27,10 @@ from typing import Any
 
 from .errors import DataError
 
-FILE_SUFFIXES = (".json", ".jsonl")
+JSON_SUFFIXES = (".json", ".jsonl")
+TABLE_SUFFIXES = (".parquet", ".csv")
+FILE_SUFFIXES = (*JSON_SUFFIXES, *(s + ".gz" for s in JSON_SUFFIXES), *TABLE_SUFFIXES)
+FILE_KINDS = ".json (a list of rows), .jsonl (one row per line), either gzipped (.gz), .parquet or .csv"
 PATH_PREFIXES = ("/", "./", "../", "~")
 
 
@@ -43,6 +50,17 @@ def read_rows(path_or_uri: str, *, field: str) -> Rows:
     if not rows:
         raise DataError(f"{field}: {path_or_uri} has no rows")
     return rows
+
+
+def is_hub_dataset(location: str) -> bool:
+    """A Hugging Face dataset ID (what `read_rows` would download), by the string alone."""
+    if location.startswith("s3://"):
+        return False
+    name, _, split = location.partition(":")
+    path = Path(location).expanduser()
+    if path.exists() or (split and Path(name).expanduser().is_dir()):
+        return False
+    return not (location.endswith(FILE_SUFFIXES) or location.startswith(PATH_PREFIXES))
 
 
 def _read_any(location: str, field: str) -> Rows:
@@ -67,18 +85,39 @@ def _read_any(location: str, field: str) -> Rows:
 # --- local files ----------------------------------------------------------------------------
 
 
+def data_suffix(name: str) -> str:
+    """'.jsonl' for 'x.jsonl' and 'x.jsonl.gz'; '' when the name is none of FILE_SUFFIXES."""
+    lower = name.lower()
+    return next((s.removesuffix(".gz") for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if lower.endswith(s)), "")
+
+
 def read_file(path: Path, *, source: str, field: str) -> Rows:
-    suffix = path.suffix.lower()
-    if suffix not in FILE_SUFFIXES:
-        raise DataError(
-            f"{field}: {source} is a '{suffix or 'suffix-less'}' file; local data must be .json "
-            "(a list of rows) or .jsonl (one row per line)"
-        )
+    suffix = data_suffix(path.name)
+    if not suffix:
+        raise DataError(f"{field}: {source} is a '{path.suffix or 'suffix-less'}' file; local data must be {FILE_KINDS}")
+    if suffix in TABLE_SUFFIXES:
+        return read_table(path, suffix, source=source)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{source}: not a readable gzip file ({exc})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not data
     except UnicodeDecodeError as exc:
-        raise DataError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise DataError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8") from None
     return parse_jsonl(text, source=source) if suffix == ".jsonl" else parse_json(text, source=source)
+
+
+def read_table(path: Path, suffix: str, *, source: str) -> Rows:
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path) if suffix == ".parquet" else pyarrow.csv.read_csv(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{source}: cannot read it as {suffix[1:]} ({exc})") from None
+    return Rows(table.to_pylist(), source=source)
 
 
 def parse_jsonl(text: str, *, source: str) -> Rows:
@@ -101,9 +140,11 @@ def parse_json(text: str, *, source: str) -> Rows:
         if exc.msg == "Extra data":  # JSON Lines saved as .json, as `datasets` writes them
             return parse_jsonl(text, source=source)
         raise DataError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if isinstance(data, dict):  # one row: a single conversation saved on its own
+        return Rows([data], source=source)
     if not isinstance(data, list):
-        what = f"an object with keys {', '.join(map(repr, list(data)[:5]))}" if isinstance(data, dict) else type(data).__name__
-        raise DataError(f"{source}: expected a JSON list of rows (or one JSON object per line in a .jsonl file), got {what}")
+        raise DataError(f"{source}: expected a JSON list of rows, one JSON object, or one object per line in a "
+                        f".jsonl file; got {type(data).__name__}")
     return Rows(data, source=source)
 
 
@@ -124,8 +165,8 @@ def read_s3(uri: str, *, field: str) -> Rows:
     if not bucket or not key or key.endswith("/"):
         raise DataError(f"{field}: {uri} must name one object, s3://bucket/path/file.jsonl")
     name = PurePosixPath(key).name
-    if not name.lower().endswith(FILE_SUFFIXES):
-        raise DataError(f"{field}: {uri} must be a .json or .jsonl object")
+    if not data_suffix(name):
+        raise DataError(f"{field}: {uri} must be a {FILE_KINDS} object")
     client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
     with tempfile.TemporaryDirectory(prefix="finetune-data-") as tmp:
         local = Path(tmp) / name

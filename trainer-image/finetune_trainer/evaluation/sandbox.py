@@ -201,12 +201,36 @@ def _returncode(code: int, view: KernelView | None) -> int:
     return code
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, *, settle_seconds: float = 10.0) -> None:
+    """SIGKILL to the whole session, then wait until none of it runs any more: a killed
+    process takes a moment to die on a busy machine, and its folder is removed next."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
+    deadline = time.monotonic() + settle_seconds
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group is still alive (zombies, already dead, do not count)."""
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:  # no /proc: nothing to wait on
+        return False
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def run_program(

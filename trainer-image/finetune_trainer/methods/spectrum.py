@@ -20,15 +20,24 @@ is used for. Selection (`snr_threshold`, see `select_modules`): within each type
 their type train, i.e. the top `1 - snr_threshold`. `layers_to_finetune: [i, ...]` trains
 every linear module of those transformer layers instead, with no scan.
 
-Frozen: everything else, embeddings, output head and norms included. The reference's
-generated config also unfreezes `lm_head` and `embed_tokens`; we do not (with a 49k-token
-vocabulary they are a large share of a small model, and they are often tied). Norms are
-frozen, as in the reference, which lists only linear modules.
+Embeddings and output head (`fine_tuning.spectrum.train_embeddings`, default true): trained
+too, as in the reference, whose generated unfrozen-parameters config always lists
+`^lm_head.weight$` and `^model.embed_tokens.weight$` before the SNR-selected modules (here in
+both selection modes). They are found by the model's own `get_input_embeddings()` /
+`get_output_embeddings()`, not by name, and are not ranked. Tied embeddings
+(`tie_word_embeddings`: the head's weight *is* the embedding matrix) are one parameter, trained
+once and counted once. `train_embeddings: false` keeps both frozen: with a 49k-token vocabulary
+they are a large share of a small model (SmolLM2-135M: 28M of 135M parameters, plus their
+optimizer state). Frozen: everything else, norms included, as in the reference, which lists
+only linear modules. `spectrum_selection.json` (`embeddings`, `embeddings_tied`) and the table
+record what was trained, embeddings and head included, or that the key kept them frozen.
 
 On a 4/8-bit model (`load_in_4bit` with spectrum, as the seed's template does) the SNR of
 quantized weights would measure quantization noise, so: load in full precision, scan,
 choose, free it, then load quantized with the chosen modules in bitsandbytes' skip list,
-so they stay plain fp32 `nn.Linear` and train while everything else is 4-bit and frozen.
+so they stay plain fp32 `nn.Linear` and train while the other linear modules are 4-bit and
+frozen. The embeddings and head are never quantized (bitsandbytes skips the head and leaves
+`nn.Embedding` alone): they train, or stay frozen, in full precision.
 
 If the scan cannot run the run fails: it never falls back to training everything.
 """
@@ -60,6 +69,7 @@ SELECTION_FILE = "spectrum_selection.json"
 TABLE_FILE = "spectrum_selection.txt"
 THRESHOLD_FIELD = "fine_tuning.spectrum.snr_threshold"
 LAYERS_FIELD = "fine_tuning.spectrum.layers_to_finetune"
+EMBEDDINGS_FIELD = "fine_tuning.spectrum.train_embeddings"
 
 
 class SpectrumScanError(RuntimeError):
@@ -75,6 +85,18 @@ class ModuleScore:
     trained: bool
 
 
+@dataclass(frozen=True)
+class EmbeddingModule:
+    """The input embeddings or the output head: not ranked, trained unless the key says no."""
+
+    module: str  # its name in the model, e.g. model.embed_tokens, lm_head
+    role: Literal["input_embeddings", "output_head"]
+    parameters: list[str]  # as model.named_parameters() names them (a tied weight by its first name)
+    numel: int  # of this module's parameters (a tied matrix appears in both rows: see embedding_numel)
+    tied_to: str | None  # the other module, when the two share their weight
+    trained: bool
+
+
 @dataclass
 class SpectrumSelection:
     mode: Literal["snr", "layers"]
@@ -83,6 +105,9 @@ class SpectrumSelection:
     layers_to_finetune: list[int] | None = None
     scan_seconds: float | None = None
     quantized_bits: int | None = None
+    train_embeddings: bool = True
+    embeddings: list[EmbeddingModule] = field(default_factory=list)
+    embedding_numel: int = 0  # distinct parameters of `embeddings`: a tied matrix counted once
     types: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -90,7 +115,27 @@ class SpectrumSelection:
 
     @property
     def trained(self) -> list[str]:
+        """The trained linear modules inside the transformer layers (the SNR/layer choice)."""
         return [m.module for m in self.modules if m.trained]
+
+    @property
+    def trained_embeddings(self) -> list[str]:
+        """The trained input embeddings / output head modules (empty when the key is false)."""
+        return [e.module for e in self.embeddings if e.trained]
+
+    @property
+    def embeddings_tied(self) -> bool:
+        return any(e.tied_to is not None for e in self.embeddings)
+
+    def _embeddings_phrase(self) -> str:
+        if not self.embeddings:
+            return "no input embeddings or output head found" if self.train_embeddings else ""
+        names = " and ".join(e.module for e in self.embeddings)
+        if not self.train_embeddings:
+            return f"{names} frozen ({EMBEDDINGS_FIELD}: false)"
+        if self.embeddings_tied:
+            return f"plus {names} (tied: one matrix, {self.embedding_numel:,} parameters)"
+        return f"plus {names} ({self.embedding_numel:,} parameters)"
 
     def summary(self) -> str:
         n, total = len(self.trained), len(self.modules)
@@ -99,21 +144,28 @@ class SpectrumSelection:
         else:
             why = f"every linear module of layers {self.layers_to_finetune}"
         rest = f"the rest frozen in {self.quantized_bits}-bit" if self.quantized_bits else "the rest frozen"
-        return f"{n} of {total} linear modules train ({why}), {rest}"
+        embeddings = self._embeddings_phrase()
+        return f"{n} of {total} linear modules train ({why}), {embeddings + ', ' if embeddings else ''}{rest}"
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["modules"] = [{**asdict(m), "snr": _json_number(m.snr)} for m in self.modules]
+        out["embeddings_tied"] = self.embeddings_tied
         return out
 
     def table(self) -> str:
-        """Module types in order, each sorted by SNR (highest first): the ranking at a glance."""
+        """Module types in order, each sorted by SNR (highest first): the ranking at a glance;
+        then the input embeddings and output head (not ranked)."""
         rows = sorted(self.modules, key=lambda m: (m.type, -(m.snr if m.snr is not None else 0), m.module))
-        width = max(len(m.module) for m in self.modules)
+        width = max(len(m) for m in [*(m.module for m in self.modules), *(e.module for e in self.embeddings), "module"])
         lines = [f"# {self.summary()}", f"{'module':<{width}}  {'type':<20}  {'snr':>12}  trained"]
         for m in rows:
             snr = "-" if m.snr is None else f"{m.snr:12.6g}"
             lines.append(f"{m.module:<{width}}  {m.type:<20}  {snr:>12}  {'yes' if m.trained else 'no'}")
+        for e in self.embeddings:
+            trained = "yes" if e.trained else f"no ({EMBEDDINGS_FIELD}: false)"
+            tied = f", tied to {e.tied_to}" if e.tied_to else ""
+            lines.append(f"{e.module:<{width}}  {e.role:<20}  {'-':>12}  {trained}{tied}")
         return "\n".join(lines) + "\n"
 
 
@@ -245,12 +297,45 @@ def choose(module_names: list[str], cfg: FineTuneConfig, model: nn.Module | None
     return SpectrumSelection("snr", scores, snr_threshold=spec.snr_threshold, scan_seconds=seconds, quantized_bits=bits)
 
 
+def embedding_modules(model: nn.Module, *, train: bool) -> tuple[list[EmbeddingModule], int]:
+    """The input embeddings and output head, by the model's own accessors (names differ between
+    architectures: embed_tokens, wte, embed_in, ...), and how many distinct parameters they hold
+    (a tied matrix counted once). A model without one of them has no row for it."""
+    found: list[tuple[Literal["input_embeddings", "output_head"], nn.Module]] = []
+    for role, getter in (("input_embeddings", "get_input_embeddings"), ("output_head", "get_output_embeddings")):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is not None and all(module is not m for _, m in found):
+            found.append((role, module))  # type: ignore[arg-type]
+    module_names = {id(m): n for n, m in model.named_modules()}
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    own = [{id(p): p for p in module.parameters()} for _, module in found]
+    rows = []
+    for i, (role, module) in enumerate(found):
+        shared = [module_names[id(other)] for j, (_, other) in enumerate(found) if j != i and own[i].keys() & own[j].keys()]
+        rows.append(
+            EmbeddingModule(
+                module=module_names[id(module)],
+                role=role,
+                parameters=[param_names[k] for k in own[i]],
+                numel=sum(p.numel() for p in own[i].values()),
+                tied_to=shared[0] if shared else None,
+                trained=train,
+            )
+        )
+    distinct = {k: p for params in own for k, p in params.items()}
+    return rows, sum(p.numel() for p in distinct.values())
+
+
 def freeze_all_but(model: nn.Module, selection: SpectrumSelection) -> None:
-    """Only the chosen modules' parameters (weight and bias) require gradients."""
+    """Only the chosen modules' parameters (weight and bias) require gradients, and those of the
+    input embeddings and output head while `train_embeddings` (a tied weight is one parameter)."""
     modules = dict(model.named_modules())
     for param in model.parameters():
         param.requires_grad_(False)
-    for name in selection.trained:
+    for name in [*selection.trained, *selection.trained_embeddings]:
         module = modules[name]
         if type(module).__module__.startswith("bitsandbytes"):
             raise RuntimeError(f"spectrum: {name} was quantized although it was chosen to train")
@@ -267,7 +352,8 @@ def allow_trainer_on_quantized(model: nn.Module) -> None:
 
 
 def write_selection(selection: SpectrumSelection, output_dir: Path) -> Path:
-    """spectrum_selection.json (module, type, layer, snr, trained) and a readable table."""
+    """spectrum_selection.json (modules: module, type, layer, snr, trained; embeddings: module,
+    role, parameters, numel, tied_to, trained) and a readable table."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / SELECTION_FILE
     _write_atomically(path, json.dumps(selection.to_dict(), indent=2) + "\n")
@@ -317,6 +403,11 @@ def prepare_spectrum(
             _release_memory()
         model = load_model(cfg, skip_modules=selection.trained, device_map=device_map)
         allow_trainer_on_quantized(model)
+    train_embeddings = cfg.fine_tuning.spectrum.train_embeddings
+    selection.train_embeddings = train_embeddings
+    selection.embeddings, selection.embedding_numel = embedding_modules(model, train=train_embeddings)
+    if train_embeddings and not selection.embeddings:
+        log.warning("spectrum: %s is true but the model has no input embeddings or output head to train", EMBEDDINGS_FIELD)
     freeze_all_but(model, selection)
     log.info("spectrum: %s", selection.summary())
     if output_dir is not None:

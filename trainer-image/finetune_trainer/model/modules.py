@@ -58,7 +58,8 @@ def output_head_names(model: nn.Module) -> list[str]:
 
 def layer_linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The linear modules inside the numbered transformer layers: what Spectrum scans and
-    trains. The output head is left out (it is frozen, and often tied to the embeddings)."""
+    trains. The output head is left out: it is not ranked (Spectrum trains it with the input
+    embeddings unless `train_embeddings` is false, and it is often tied to them)."""
     heads = set(output_head_names(model))
     return {
         name: module

@@ -62,6 +62,22 @@ def metrics_record(
     }
 
 
+def data_record(stats: dict[str, dict[str, int]], *, step: int, now: float) -> dict[str, Any]:
+    """The metrics.jsonl line saying what the data stage did (rows, samples, skipped bad
+    rows, tokens per split); the usual keys are there, null, so readers of losses skip it."""
+    return {**metrics_record({}, step=step, epoch=None, now=now, elapsed=0.0, tokens_per_second=None), "data": stats}
+
+
+class DataFields:
+    """Adds the data counts to every progress update (status.progress.samples, skippedRows)."""
+
+    def __init__(self, stats: dict[str, Any]):
+        self.fields = {"samples": stats["train"].samples, "skipped_rows": sum(s.skipped for s in stats.values())}
+
+    def progress_fields(self) -> dict[str, int]:
+        return dict(self.fields)
+
+
 def progress_update(record: dict[str, Any], *, total_steps: int, start_step: int, elapsed: float) -> dict[str, Any]:
     """What a progress reporter gets: the record's figures plus total steps and an ETA
     from this session's pace (steps done before a resume do not count towards it)."""
