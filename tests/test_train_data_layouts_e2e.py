@@ -64,6 +64,7 @@ def test_tool_calling_dataset_trains_and_the_preview_shows_the_call_learned(tmp_
 
     assert main(["train", "--config", path]) == 0
     loss, first = losses(tmp_path)
+    print("tool-calling losses", [round(x, 3) for x in loss])
     assert len(loss) == 6 and loss[-1] < loss[0] - 0.3, loss
     assert first["data"]["train"]["tool_calls"] == 12 and first["data"]["train"]["samples"] == 12
 
@@ -77,4 +78,5 @@ def test_raw_text_dataset_trains_on_every_token(tmp_path, monkeypatch):
     data = first["data"]["train"]
     assert data["rows"] == 4 and data["samples"] > 4  # the long document became several pieces
     assert data["learned_tokens"] == data["tokens"]  # every token learned
+    print("raw-text losses", [round(x, 3) for x in loss], data)
     assert loss[-1] < loss[0] - 0.3, loss

@@ -81,7 +81,7 @@ def check_data(cfg: FineTuneConfig, *, tokenizer: Any | None = None, load_tokeni
                                                if bound else "\n  fix these rows, or set dataset.skip_bad_rows: N to skip up to N bad rows"))
             else:
                 check.lines.append(message + f"\n  (skipped in training: dataset.skip_bad_rows is {bound})")
-        elif tokenizer is not None and not samples:
+        if tokenizer is not None and not samples and stats.dropped:
             check.errors.append(f"{key}: none of the samples in {rows.source} has a response token left within "
                                 f"training.max_seq_length ({cfg.training.max_seq_length}); raise it or shorten the prompts")
     return check
