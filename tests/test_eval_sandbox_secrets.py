@@ -26,7 +26,7 @@ import pytest
 import yaml
 from kube_emulator import cluster, emulator, wait_for  # noqa: F401  (fixtures)
 
-from finetune_operator import contract
+from finetune_trainer import contract
 from finetune_trainer import process_guard, secret_env
 from finetune_trainer.evaluation.sandbox import OUTPUT_TAIL, SandboxLimits, kernel_view, run_program
 

@@ -123,7 +123,7 @@ def test_multi_gpu_example_is_two_nodes_of_zero3():
 def test_secret_is_what_the_jobs_reference():
     (secret,) = documents(EXAMPLES / "secret-s3-credentials.yaml")
     assert kube_schema_errors(secret) == []
-    from finetune_operator import contract
+    from finetune_trainer import contract
 
     assert set(secret["stringData"]) == {contract.ENV_AWS_ACCESS_KEY_ID, contract.ENV_AWS_SECRET_ACCESS_KEY}
     for path in CLUSTER_JOB_FILES:

@@ -81,7 +81,7 @@ def test_operator_image_user_matches_the_chart():
 
 
 def test_trainer_image_matches_the_pod_contract():
-    from finetune_operator import contract
+    from finetune_trainer import contract
 
     ins = instructions(TRAINER_DOCKERFILE)
     assert [a for i, a in ins if i == "USER"][-1] == f"{contract.TRAINER_UID}:{contract.TRAINER_UID}"

@@ -20,7 +20,7 @@ import pytest
 
 from finetune_trainer.launch import torchrun_command
 
-from finetune_operator import contract as c
+from finetune_trainer import contract as c
 from finetune_operator.local import execute, local_command, plan
 from finetune_operator.render import RenderSettings
 

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from finetune_operator import contract as c
+from finetune_trainer import contract as c
 from finetune_operator.render import RenderSettings, render, spec_hash, to_yaml
 from finetune_operator.spec import StorageSpec
 from finetune_trainer.cli import main
@@ -391,7 +391,7 @@ def test_operator_modules_import_nothing_heavy():
 
     code = (
         "import sys, finetune_trainer.cli as cli; cli.build_parser();"
-        "import finetune_operator.render, finetune_operator.crd, finetune_operator.local, finetune_operator.contract;"
+        "import finetune_operator.render, finetune_operator.crd, finetune_operator.local, finetune_trainer.contract;"
         "print(sorted(m for m in ('kopf', 'torch', 'transformers', 'kubernetes') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finetune_trainer.cli import EXIT_OK, _print_issues, register
+from finetune_trainer.cli import EXIT_OK, print_issues, register
 
 
 def _manifest_arg(p: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ def cmd_render(args: argparse.Namespace, overrides: list[str]) -> int:
 
     job = _load_job(args, overrides)
     settings = RenderSettings.from_args(args)
-    _print_issues([], check(job, settings).warnings, args.config)
+    print_issues([], check(job, settings).warnings, args.config)
     manifests = render(job, settings)
     sys.stdout.write(to_yaml(manifests))
     return EXIT_OK

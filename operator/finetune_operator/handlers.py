@@ -39,8 +39,8 @@ import kopf
 from finetune_trainer.config import ConfigError
 
 from . import status as st
-from .contract import ANNOTATION_SPEC_HASH, LABEL_JOB_NAME
-from .kube import JSON_PATCH, ApiError, Kube, status_json_patch
+from finetune_trainer.contract import ANNOTATION_SPEC_HASH, LABEL_JOB_NAME
+from .kube import JSON_PATCH, RETRY_DELAY, ApiError, Kube, status_json_patch
 from .render import render, spec_hash
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
@@ -48,7 +48,6 @@ FINETUNEJOBS = (GROUP, VERSION, PLURAL)
 PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
 PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND = "kubeflow.org/v1", "PyTorchJob"
 TRAINING_JOB_LABEL = "training.kubeflow.org/job-name"  # the training operator's label on the job's pods
-RETRY_DELAY = 10.0  # seconds before kopf retries a handler after an API hiccup
 MAX_STATUS_CONFLICTS = 5  # re-reads when another writer moved the resourceVersion first
 
 

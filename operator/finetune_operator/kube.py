@@ -15,6 +15,8 @@ from typing import Any
 
 from .spec import API_VERSION, KIND, PLURAL
 
+RETRY_DELAY = 10.0  # seconds before kopf runs a handler again after an API hiccup
+
 # (apiVersion, kind) -> plural: the kinds this operator reads or writes.
 PLURALS: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "configmaps",

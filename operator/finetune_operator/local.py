@@ -39,7 +39,7 @@ import yaml
 
 from finetune_trainer.config.loader import parse_yaml
 
-from . import contract as c
+from finetune_trainer import contract as c
 from .render import RenderSettings, render
 from .spec import StorageSpec
 

@@ -48,3 +48,16 @@ def validate_manifest(
     if errors:
         raise ConfigError(errors, loaded.warnings)
     return loaded
+
+
+def is_manifest(doc: dict[str, Any]) -> bool:
+    """A FineTuneJob (or anything shaped like a Kubernetes object with a spec)."""
+    return doc.get("kind") == KIND or ("spec" in doc and "apiVersion" in doc)
+
+
+def load_document(
+    doc: dict[str, Any], overrides: list[str] | None = None, *, mode: str = "validate", base_dir: Path | None = None
+) -> LoadedConfig | None:
+    """`finetune`'s reader for manifests (entry point finetune.documents): None when `doc`
+    is not one, so the CLI reads it as a seed config."""
+    return validate_manifest(doc, overrides, mode=mode, base_dir=base_dir) if is_manifest(doc) else None

@@ -28,7 +28,7 @@ import yaml
 from finetune_trainer.config import ConfigError, ConfigIssue, FineTuneConfig, LoadedConfig, dump_config
 from finetune_trainer.config.schema import SECTIONS
 
-from . import contract as c
+from finetune_trainer import contract as c
 from .manifest import validate_manifest
 from .spec import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec, StorageSpec
 

@@ -13,11 +13,10 @@ from typing import Any
 
 import kopf
 
-from .kube import Kube
+from .kube import RETRY_DELAY, Kube
 from .render import RenderSettings
 from .spec import GROUP
 
-RETRY_DELAY = 10.0  # seconds before a handler that hit an API hiccup runs again
 WORKERS = 16  # threads for the (synchronous) handlers and their API calls
 WATCH_SERVER_TIMEOUT = 600  # seconds: each watch restart relists, which resyncs every status
 

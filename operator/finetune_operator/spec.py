@@ -13,12 +13,7 @@ from pydantic import Field, field_validator
 
 from finetune_trainer.config.schema import FineTuneConfig, NonEmptyStr, Section
 
-GROUP = "finetune.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "FineTuneJob"
-PLURAL = "finetunejobs"
-SHORT_NAME = "ftj"
+from finetune_trainer.contract import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAME, VERSION  # noqa: F401 (re-exported)
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_trainer.contract import exit_code_is_retryable
+
 # ------------------------------------------------------------------ condition types and values
 
 ACCEPTED = "Accepted"
@@ -181,7 +183,7 @@ class JobState:
 
 def exit_code_retryable(code: int) -> bool:
     """restartPolicy ExitCode: 1-127 permanent, 128-255 (signals, preemption) retried."""
-    return code >= 128
+    return exit_code_is_retryable(code)
 
 
 def job_state(summary: Mapping[str, Any] | None) -> JobState:

@@ -17,12 +17,13 @@ from typing import Any
 
 from .config import ConfigError, ConfigIssue
 
-EXIT_OK = 0
-EXIT_INVALID = 1  # permanent: the config or the data is wrong; a retry cannot fix it
+from .contract import EXIT_OK, EXIT_PERMANENT
+
+EXIT_INVALID = EXIT_PERMANENT  # the config or the data is wrong; a retry cannot fix it
 EXIT_USAGE = 2  # argparse's own code for a malformed command line
 
 
-def _print_issues(errors: list[ConfigIssue], warnings: list[ConfigIssue], source: str) -> None:
+def print_issues(errors: list[ConfigIssue], warnings: list[ConfigIssue], source: str) -> None:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if errors:
@@ -39,12 +40,11 @@ def _load_any(path: str, overrides: list[str], mode: str):
 
     data = read_document(path)
     base_dir = Path(path).resolve().parent
-    if data.get("kind") == "FineTuneJob" or "spec" in data and "apiVersion" in data:
-        from finetune_operator.manifest import validate_manifest
-
-        loaded = validate_manifest(data, overrides, mode=mode, base_dir=base_dir)
-        loaded.manifest = True  # its data is read in the cluster, not here
-        return loaded
+    for loader in document_loaders():  # e.g. the operator's: a FineTuneJob manifest's spec
+        loaded = loader(data, overrides, mode=mode, base_dir=base_dir)
+        if loaded is not None:
+            loaded.manifest = True  # its data is read in the cluster, not here
+            return loaded
     if overrides:
         data = apply_overrides(data, parse_overrides(overrides))
     loaded = validate_data(data, mode=mode, base_dir=base_dir)
@@ -56,7 +56,7 @@ def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config.summary import summarize
 
     loaded = _load_any(args.config, overrides, "validate")
-    _print_issues([], loaded.warnings, args.config)
+    print_issues([], loaded.warnings, args.config)
     check = None
     if not getattr(loaded, "manifest", False) and args.data:
         from .data.check import check_data
@@ -88,7 +88,7 @@ def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import dump_config
 
     loaded = _load_any(args.config, overrides, "validate")
-    _print_issues([], loaded.warnings, args.config)
+    print_issues([], loaded.warnings, args.config)
     sys.stdout.write(dump_config(loaded.config))
     return EXIT_OK
 
@@ -116,16 +116,28 @@ register("validate", "check a config (and its data) or a FineTuneJob manifest, a
 register("config", "print the resolved config (defaults filled, overrides applied)", _config_arg)(cmd_config)
 
 
-def _load_extensions() -> None:
-    """Subcommands defined beside their code (train, operator, render, ...)."""
-    import importlib
+# Extensions find the CLI by these entry-point groups (pyproject.toml), so the trainer never
+# names the packages that extend it: the operator adds its commands and its manifest loader
+# when it is installed.
+COMMAND_GROUP = "finetune.commands"  # a module whose import registers subcommands
+DOCUMENT_GROUP = "finetune.documents"  # fn(data, overrides, *, mode, base_dir) -> LoadedConfig | None
 
-    for module in ("finetune_trainer.commands", "finetune_operator.commands"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+
+def _entry_points(group: str) -> list[Any]:
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group=group), key=lambda ep: (ep.name != "trainer", ep.name))  # its own first
+
+
+def document_loaders() -> list[Callable[..., Any]]:
+    """Readers of documents other than a seed config; each returns None for what is not its."""
+    return [ep.load() for ep in _entry_points(DOCUMENT_GROUP)]
+
+
+def _load_extensions() -> None:
+    """Subcommands defined beside their code (train, preview, launch; crd, render, run, operator)."""
+    for ep in _entry_points(COMMAND_GROUP):
+        ep.load()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return fn(args, rest)
     except ConfigError as exc:
-        _print_issues(exc.errors, exc.warnings, getattr(args, "config", None) or "config")
+        print_issues(exc.errors, exc.warnings, getattr(args, "config", None) or "config")
         return EXIT_INVALID
 
 

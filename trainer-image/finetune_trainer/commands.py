@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import EXIT_INVALID, _config_arg, _load_any, _print_issues, register
+from .cli import EXIT_INVALID, _config_arg, _load_any, print_issues, register
 from .config import ConfigError
 from .launch import record_exit_code
 
@@ -15,7 +15,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     code = EXIT_INVALID
     try:
         loaded = _load_any(args.config, overrides, "train")
-        _print_issues([], loaded.warnings, args.config)
+        print_issues([], loaded.warnings, args.config)
         from .status_reporter import StatusReporter
         from .train import run_command  # torch and transformers load here, not for `finetune validate`
 
@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
                 reporter.close()
         return code
     except ConfigError as exc:
-        _print_issues(exc.errors, exc.warnings, args.config)
+        print_issues(exc.errors, exc.warnings, args.config)
         return code
     finally:
         record_exit_code(code)  # for `finetune launch` (torchrun would turn it into 1)
@@ -62,11 +62,11 @@ def cmd_preview(args: argparse.Namespace, overrides: list[str]) -> int:
 
     try:
         loaded = _load_any(args.config, overrides, "validate")
-        _print_issues([], loaded.warnings, args.config)
+        print_issues([], loaded.warnings, args.config)
         tokenizer = load_tokenizer(loaded.config)
         samples = preview_samples(loaded.config, tokenizer, args.n, split=args.split)
     except ConfigError as exc:
-        _print_issues(exc.errors, exc.warnings, args.config)
+        print_issues(exc.errors, exc.warnings, args.config)
         return EXIT_INVALID
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .contract import exit_code_is_retryable, world
 from .process_guard import mark_not_dumpable
 
 ENV_EXIT_CODE_DIR = "FINETUNE_EXIT_CODE_DIR"
@@ -32,8 +33,7 @@ def record_exit_code(code: int) -> None:
     """Called by every rank of `finetune train` as it exits (no-op outside the launcher)."""
     folder = os.environ.get(ENV_EXIT_CODE_DIR)
     if folder:
-        rank = os.environ.get("RANK", "0")
-        Path(folder, f"rank-{rank}.code").write_text(str(code))
+        Path(folder, f"rank-{world().rank}.code").write_text(str(code))
 
 
 def read_exit_codes(folder: Path) -> dict[int, int]:
@@ -57,12 +57,12 @@ def launch_exit_code(launcher_code: int, rank_codes: dict[int, int]) -> int:
     permanent = [rank_codes[r] for r in sorted(rank_codes) if 1 <= rank_codes[r] <= 127]
     if permanent:
         return permanent[0]
-    retryable = [code for code in rank_codes.values() if code >= 128]
+    retryable = [code for code in rank_codes.values() if exit_code_is_retryable(code)]
     if retryable:
         return max(retryable)
     if launcher_code < 0:
         return 128 - launcher_code
-    return launcher_code if launcher_code >= 128 else KILLED
+    return launcher_code if exit_code_is_retryable(launcher_code) else KILLED
 
 
 def torchrun_command(config: str, overrides: list[str]) -> list[str]:

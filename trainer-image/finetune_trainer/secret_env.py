@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from finetune_operator import contract
+from finetune_trainer import contract
 
 REDACTED = "[redacted]"
 SECRET_SUFFIXES = ("_TOKEN", "_KEY", "_SECRET")

@@ -31,11 +31,7 @@ from typing import Any
 
 log = logging.getLogger("finetune_trainer.status")
 
-try:  # one contract module: the operator writes these names, the pods read them
-    from finetune_operator.contract import ENV_STATUS_CA_FILE, ENV_STATUS_TOKEN_FILE, ENV_STATUS_URL
-except ImportError:  # a trainer image without the operator package
-    ENV_STATUS_URL, ENV_STATUS_TOKEN_FILE, ENV_STATUS_CA_FILE = (
-        "FINETUNE_STATUS_URL", "FINETUNE_STATUS_TOKEN_FILE", "FINETUNE_STATUS_CA_FILE")
+from .contract import ENV_STATUS_CA_FILE, ENV_STATUS_TOKEN_FILE, ENV_STATUS_URL, world
 
 DEFAULT_MIN_INTERVAL = 10.0  # seconds between patches: a 1000-pod cluster stays quiet
 DEFAULT_TIMEOUT = 5.0  # seconds per PATCH: a slow API server only delays the next report
@@ -135,7 +131,7 @@ class StatusReporter:
         """Active only in a pod the operator started (FINETUNE_STATUS_URL set) and on rank 0."""
         env = os.environ if env is None else env
         url = env.get(ENV_STATUS_URL)
-        if not url or env.get("RANK", "0") not in ("", "0"):
+        if not url or not world(env).is_main:
             return None
         token_file = env.get(ENV_STATUS_TOKEN_FILE)
         if token_file and not os.path.exists(token_file):

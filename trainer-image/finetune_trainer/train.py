@@ -25,6 +25,7 @@ from typing import Any
 
 from .config import ConfigError, FineTuneConfig, dump_config
 from .config.rules import resolve_deepspeed_path
+from .contract import EXIT_OK, EXIT_PERMANENT, world
 from .data import IGNORE_INDEX, DataError, data_collator, prepare_data
 from .training.arguments import training_arguments
 from .training.callbacks import (
@@ -42,8 +43,6 @@ from .training.deepspeed import deepspeed_config
 
 log = logging.getLogger("finetune_trainer.train")
 
-EXIT_OK = 0
-EXIT_PERMANENT = 1  # bad config, bad data, diverged loss: a retry cannot fix it
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
@@ -120,7 +119,7 @@ def train(
         **training_arguments(
             cfg,
             output_dir=out,
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            world_size=world().world_size,
             use_cpu=use_cpu,
             bf16_supported=use_cpu or torch.cuda.is_bf16_supported(),
             deepspeed=deepspeed_config(cfg, base_dir=base_dir),
@@ -274,7 +273,8 @@ def run_command(cfg: FineTuneConfig, *, base_dir: Path, **kwargs: Any) -> int:
 
 def _error_prefix() -> str:
     """'error', or 'error (rank N)' when several processes may print the same line."""
-    return f"error (rank {os.environ.get('RANK', '0')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "error"
+    here = world()
+    return f"error (rank {here.rank})" if here.world_size > 1 else "error"
 
 
 # ----------------------------------------------------------------------- the small parts
@@ -282,7 +282,7 @@ def _error_prefix() -> str:
 
 def is_main_process() -> bool:
     """Rank 0 of the world (torchrun and the training operator set RANK)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return world().is_main
 
 
 def setup_logging() -> None:

@@ -1,8 +1,9 @@
 """Where rows come from: local JSON/JSONL files, s3:// objects, Hugging Face datasets.
 
 `read_rows` decides by the string alone:
-1. `s3://bucket/key.jsonl` -> downloaded to a temp file (boto3's transfer manager; endpoint
-   from AWS_ENDPOINT_URL, credentials from the usual AWS variables), then read as a file.
+1. `s3://bucket/key.jsonl` -> downloaded to a temp file with the checkpoints' S3 client
+   (storage/stores.py `s3_client`: endpoint, region, path-style addressing, retries), then
+   read as a file.
 2. An existing file -> `.jsonl` (one object per line; row numbers are line numbers, blank
    lines skipped) or `.json` (a list of objects, or one object: one row; JSON Lines in a
    .json file are accepted), either gzipped (`.jsonl.gz`, as Open-Assistant ships its
@@ -158,8 +159,9 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 def read_s3(uri: str, *, field: str) -> Rows:
     """Download, then read like a local file; the URI stays the name in messages."""
-    import boto3
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+    from ..storage.stores import s3_client
 
     bucket, key = split_s3_uri(uri)
     if not bucket or not key or key.endswith("/"):
@@ -167,7 +169,7 @@ def read_s3(uri: str, *, field: str) -> Rows:
     name = PurePosixPath(key).name
     if not data_suffix(name):
         raise DataError(f"{field}: {uri} must be a {FILE_KINDS} object")
-    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    client = s3_client()  # the checkpoints' client: path-style on MinIO, retries, region
     with tempfile.TemporaryDirectory(prefix="finetune-data-") as tmp:
         local = Path(tmp) / name
         try:

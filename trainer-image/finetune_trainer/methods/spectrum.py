@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from finetune_trainer.contract import world
 from finetune_trainer.model.loading import config_error, load_model, model_skeleton
 from finetune_trainer.model.modules import layer_index, layer_linear_modules, module_type
 
@@ -240,7 +241,7 @@ def scan_device() -> torch.device | None:
     import torch
 
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", world().local_rank)
     return None
 
 

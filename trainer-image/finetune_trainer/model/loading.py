@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_trainer.config.issues import ConfigError, ConfigIssue
+from finetune_trainer.contract import world
 
 from . import builtin
 from .modules import output_head_names
@@ -132,7 +133,7 @@ def default_device_map(cfg: FineTuneConfig, *, cuda: bool) -> dict[str, Any] | N
     one model copy per process under DDP). Unquantized models load on CPU and the Trainer
     (or DeepSpeed) moves them."""
     if cuda and (cfg.model.load_in_4bit or cfg.model.load_in_8bit):
-        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        return {"": world().local_rank}
     return None
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import FineTuneConfig
+from ..contract import world
 from .callback import CheckpointSyncCallback, _distributed, keep_trying
 from .checkpoints import (
     _read_manifest,
@@ -36,10 +37,6 @@ FINAL_KEY = "final"
 NOT_FINAL = {"metrics.jsonl"}
 
 
-def _rank(name: str) -> int:
-    return int(os.environ.get(name, "0"))
-
-
 class StoragePlugin(CheckpointSyncCallback):
     """Checkpoint sync + preemption for one run; add on every rank."""
 
@@ -49,7 +46,7 @@ class StoragePlugin(CheckpointSyncCallback):
         self.store = store
         self.output_dir = output_dir
         self.stopped_by_signal = False
-        if uploader is not None and _rank("RANK") == 0:
+        if uploader is not None and world().rank == 0:
             uploader.on_uploaded = self._publish_metrics  # in the upload thread: never stalls training
 
     # -------------------------------------------------------------- train.py's hooks
@@ -66,7 +63,7 @@ class StoragePlugin(CheckpointSyncCallback):
         if self.store is None:
             return None
         chosen = None
-        if _rank("RANK") == 0:
+        if world().rank == 0:
             path = find_resume_checkpoint(self.store, self.output_dir)
             chosen = int(path.name.rsplit("-", 1)[-1]) if path else None
         dist = _distributed()
@@ -76,10 +73,10 @@ class StoragePlugin(CheckpointSyncCallback):
             chosen = box[0]
         if chosen is None:
             return None
-        if _rank("RANK") == 0:
+        if world().rank == 0:
             self._restore_metrics()
         target = self.output_dir / f"checkpoint-{chosen}"
-        if _rank("LOCAL_RANK") == 0 and _rank("RANK") != 0:
+        if world().local_rank == 0 and world().rank != 0:
             manifest = _read_manifest(self.store, chosen)
             if manifest is None:
                 raise StorageError(f"checkpoint-{chosen} chosen by rank 0 has no manifest in {self.store.uri}")
@@ -120,7 +117,7 @@ class StoragePlugin(CheckpointSyncCallback):
         """After the final save: `metrics.jsonl` and `final/` to storage (global rank 0)."""
         if self.uploader is not None:
             self.uploader.close()
-        if self.store is None or _rank("RANK") != 0:
+        if self.store is None or world().rank != 0:
             return
         final = output_dir / ".final-upload"
         shutil.rmtree(final, ignore_errors=True)
@@ -169,7 +166,7 @@ def storage_plugin(cfg: FineTuneConfig, output_dir: Path) -> StoragePlugin:
     store = uploader = None
     if cfg.output.storage_uri:
         store = open_store(cfg.output.storage_uri)
-        if _rank("LOCAL_RANK") == 0:
+        if world().local_rank == 0:
             node_rank, num_nodes = node_topology()
             uploader = BackgroundUploader(
                 store, save_total_limit=cfg.output.save_total_limit, node_rank=node_rank, num_nodes=num_nodes

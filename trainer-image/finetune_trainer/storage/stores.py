@@ -28,8 +28,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
+
+from ..contract import ENV_S3_ADDRESSING, S3_PATH_STYLE
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +175,10 @@ def with_retries(op: Callable[[], T], what: str, policy: RetryPolicy, transient:
 
 def s3_addressing_style(env: dict[str, str]) -> str:
     """`path` for custom endpoints (MinIO, Ceph, moto) unless told otherwise; `auto` on AWS."""
-    explicit = env.get("FINETUNE_S3_ADDRESSING", "").strip().lower()
+    explicit = env.get(ENV_S3_ADDRESSING, "").strip().lower()
     if explicit:
-        if explicit not in ("path", "virtual", "auto"):
-            raise ValueError(f"FINETUNE_S3_ADDRESSING={explicit!r}: use path, virtual or auto")
+        if explicit not in (S3_PATH_STYLE, "virtual", "auto"):
+            raise ValueError(f"{ENV_S3_ADDRESSING}={explicit!r}: use path, virtual or auto")
         return explicit
     return "path" if s3_endpoint(env) else "auto"
 
@@ -241,17 +243,25 @@ def _is_not_found(exc: BaseException) -> bool:
     ) == 404 and err.get("Code") != "NoSuchBucket"
 
 
+def s3_client(*, retry: RetryPolicy | None = None, transfer: TransferSettings | None = None,
+              env: dict[str, str] | None = None) -> Any:
+    """The one way this project makes an S3 client (checkpoints, results, datasets,
+    evaluation inputs): endpoint, region, addressing style, retries and timeouts from the
+    environment above, a session of its own (boto3's default one is not thread-safe)."""
+    import boto3
+
+    env = dict(os.environ) if env is None else env
+    return boto3.session.Session().client(
+        "s3", endpoint_url=s3_endpoint(env), config=botocore_config(env, retry or RetryPolicy(), transfer or TransferSettings())
+    )
+
+
 class S3Store(ObjectStore):
     def __init__(self, bucket: str, prefix: str, *, retry: RetryPolicy, transfer: TransferSettings):
-        import boto3
-
-        env = dict(os.environ)
         self.bucket, self.prefix = bucket, prefix
         self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self.retry, self.transfer = retry, transfer
-        self.client = boto3.session.Session().client(
-            "s3", endpoint_url=s3_endpoint(env), config=botocore_config(env, retry, transfer)
-        )
+        self.client = s3_client(retry=retry, transfer=transfer)
         self._transfer_config = transfer_config(transfer)
 
     def _key(self, key: str) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..contract import world
 from .checkpoints import Manifest, apply_retention, checkpoint_prefix, upload_checkpoint
 from .stores import ObjectStore
 
@@ -43,12 +44,8 @@ class UploaderStatus:
 
 def node_topology(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
     """(node rank, number of nodes) from what torchrun or the training operator sets."""
-    node_rank = int(env.get("GROUP_RANK") or env.get("NODE_RANK") or env.get("PET_NODE_RANK") or 0)
-    if env.get("GROUP_WORLD_SIZE"):
-        return node_rank, int(env["GROUP_WORLD_SIZE"])
-    if env.get("WORLD_SIZE") and env.get("LOCAL_WORLD_SIZE"):
-        return node_rank, max(1, int(env["WORLD_SIZE"]) // int(env["LOCAL_WORLD_SIZE"]))
-    return node_rank, int(env.get("PET_NNODES") or env.get("NNODES") or 1)
+    here = world(env)
+    return here.node_rank, here.nodes
 
 
 class BackgroundUploader:

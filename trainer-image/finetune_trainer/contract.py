@@ -1,13 +1,25 @@
-"""The operator <-> trainer-pod contract: every name both sides must agree on, in one place.
+"""The ground floor: every name the operator and the training pods must agree on, in one place.
 
 The operator writes these (render.py), the training pods read them (the trainer, its
-storage and status reporters), and `finetune run` reproduces them on a laptop (local.py).
-It imports nothing heavy (the spec constants only), so the trainer can read it too.
+storage and status reporters), and `finetune run` reproduces them on a laptop (local.py):
+the FineTuneJob API identity, mount paths and file names, environment variables, labels,
+exit codes and the retryable rule, and `world()` for a process's place in the job. It
+imports only the standard library, so both programs (and `finetune validate`) can stand on it.
 """
 
 from __future__ import annotations
 
-from .spec import GROUP, PLURAL, VERSION
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# ------------------------------------------------------------------- the FineTuneJob API
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SHORT_NAME = "ftj"
 
 # --------------------------------------------------------------------------- mount paths
 CONFIG_DIR = "/etc/finetune"
@@ -40,6 +52,7 @@ ENV_STATUS_URL = "FINETUNE_STATUS_URL"
 ENV_STATUS_TOKEN_FILE = "FINETUNE_STATUS_TOKEN_FILE"
 ENV_STATUS_CA_FILE = "FINETUNE_STATUS_CA_FILE"
 ENV_S3_ADDRESSING = "FINETUNE_S3_ADDRESSING"  # "path" when spec.storage.path_style is true
+S3_PATH_STYLE = "path"  # the value of ENV_S3_ADDRESSING that asks for path-style addressing
 ENV_HF_TOKEN = "HF_TOKEN"  # from spec.hf_token_secret, by reference
 ENV_HF_HOME = "HF_HOME"
 ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"  # both from spec.storage.credentials_secret,
@@ -143,3 +156,52 @@ RETRYABLE_EXIT_CODES = range(128, 256)
 def exit_code_is_retryable(code: int) -> bool:
     return code in RETRYABLE_EXIT_CODES
 
+
+
+# ------------------------------------------------------------------ a process's place
+ENV_NODE_RANK = "GROUP_RANK"  # torchrun's name for the node (pod) index
+ENV_NODES = "GROUP_WORLD_SIZE"  # torchrun's name for the number of nodes
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process is in the job, from what torchrun or the training operator sets."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    nodes: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def world(environ: Mapping[str, str] | None = None) -> World:
+    """This process's World (a plain process: rank 0 of 1). Node rank and count fall back
+    from torchrun's names to the training operator's PET_* and plain NODE_RANK / NNODES."""
+    env = os.environ if environ is None else environ
+
+    def number(*names: str, default: int) -> int:
+        for name in names:
+            value = env.get(name)
+            if value not in (None, ""):
+                try:
+                    return int(value)
+                except ValueError:
+                    continue
+        return default
+
+    world_size = number(ENV_WORLD_SIZE, default=1)
+    local_world = number(ENV_LOCAL_WORLD_SIZE, default=0)
+    nodes = number(ENV_NODES, default=0) or (max(1, world_size // local_world) if local_world else 0) \
+        or number(ENV_PET_NNODES, "NNODES", default=1)
+    return World(rank=number(ENV_RANK, default=0), local_rank=number(ENV_LOCAL_RANK, default=0), world_size=world_size,
+                 local_world_size=local_world or 1, node_rank=number(ENV_NODE_RANK, "NODE_RANK", ENV_PET_NODE_RANK, default=0),
+                 nodes=nodes)
