@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/operator_scale.py [--jobs 500] [--appliers 8] [--workers 8] [--rate 0] [--no-baseline]
 
-The emulator (tests/kube_emulator.py, real HTTP) runs in this process and timestamps every
+The emulator (finetune_operator.testing.kube_emulator, real HTTP) runs in this process and timestamps every
 create as it arrives; the operator (`finetune operator`'s code: kopf, our handlers, the
 official client) runs in a child process, so its peak RSS (VmHWM) is its own. Reported:
 time from the first FineTuneJob to the last PyTorchJob, p50/p99 of each job's
@@ -35,9 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
 TARGET_TOTAL_S, TARGET_P99_S, TARGET_RSS_MB = 60.0, 1.0, 150.0
 
 SPEC = {
@@ -54,11 +51,11 @@ def serve_operator(url: str, workers: int, baseline: bool) -> None:
     import logging
 
     import kopf
-    from kube_emulator import api_configuration
 
     from finetune_operator.kube import Kube
     from finetune_operator.render import RenderSettings
     from finetune_operator.runner import operator_kwargs
+    from finetune_operator.testing.kube_emulator import api_configuration
 
     logging.basicConfig(level=logging.WARNING)
     kwargs = operator_kwargs(kube=Kube(api_configuration(url)), render_settings=RenderSettings(), standalone=True,
@@ -123,21 +120,21 @@ def percentile(values: list[float], q: float) -> float:
 
 def measure(args: argparse.Namespace, *, baseline: bool) -> dict:
     """One burst against a fresh emulator: the figures of the operator (or of the baseline)."""
-    from kube_emulator import Cluster, EmulatorThread, wait_for
-    from kmock._internal import enums
+    import kmock
+
+    from finetune_operator.testing.kube_emulator import Cluster, EmulatorThread, wait_for
 
     arrivals: dict[tuple[str, str], float] = {}  # (plural, name) -> when its create reached the server
 
     async def stamp(request) -> None:
-        if request.action == enums.action.CREATE and isinstance(request.data, dict):
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             arrivals.setdefault((request.resource.plural, request.data["metadata"].get("name", "")), time.monotonic())
 
     with EmulatorThread() as emulator:
         emulator.call(lambda: emulator.emulator.hooks.append(stamp))
         cluster = Cluster(emulator)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
         command = [sys.executable, __file__, "--serve-operator", emulator.url, "--workers", str(args.workers)]
-        child = subprocess.Popen(command + (["--baseline-only"] if baseline else []), env=env)
+        child = subprocess.Popen(command + (["--baseline-only"] if baseline else []))
         try:
             # The operator is up once it lists FineTuneJobs (then it watches them).
             wait_for(lambda: any(r.resource is not None and r.resource.plural == "finetunejobs"
@@ -185,7 +182,7 @@ def measure(args: argparse.Namespace, *, baseline: bool) -> dict:
         served = collections.Counter(
             f"{r.action.name.lower() if r.action else r.method}{' watch' if r.params.get('watch') else ''} "
             f"{r.resource.plural if r.resource else 'other'}{'/' + r.subresource if r.subresource else ''}"
-            for r in emulator.requests() if r.resource is None or r.resource.plural != "finetunejobs" or r.action != enums.action.CREATE
+            for r in emulator.requests() if r.resource is None or r.resource.plural != "finetunejobs" or r.action != kmock.action.CREATE
         )
     latencies = [arrivals[("pytorchjobs", n)] - arrivals[("finetunejobs", n)] for n in names]
     return {"applied": applied, "all_children": all_children, "all_status": all_status, "latencies": latencies,

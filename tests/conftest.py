@@ -14,7 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # moto_server on loopback: fixtures moto_server, s3_endpoint, s3_bucket, storage_uri, s3_outage.
-pytest_plugins = ["s3_server"]
+# The Kubernetes API emulator: fixtures emulator, cluster, operator (finetune_operator/testing/).
+pytest_plugins = ["s3_server", "finetune_operator.testing.fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

@@ -191,7 +191,7 @@ EXTRA_KINDS = [
 
 class emulated_kubectl:  # noqa: N801 (a context manager used like a function)
     """`with emulated_kubectl(tmp) as dry_run: dry_run("-f", path)` runs the real
-    `kubectl apply --dry-run=client` against the Kubernetes API emulator (tests/kube_emulator.py)
+    `kubectl apply --dry-run=client` against the Kubernetes API emulator (finetune_operator.testing)
     on loopback: kubectl resolves kinds and scopes through its discovery. Schema validation is off
     (the emulator serves no OpenAPI document); the schemas are checked with kubernetes-validate."""
 
@@ -199,23 +199,9 @@ class emulated_kubectl:  # noqa: N801 (a context manager used like a function)
         self.workdir = workdir
 
     def __enter__(self):
-        import pytest
-        from kmock._internal import k8s
+        from finetune_operator.testing.kube_emulator import EmulatorThread
 
-        from kube_emulator import EmulatorThread
-
-        original = k8s.KubernetesEmulator._serve_version
-
-        async def serve_version(emulator, request):
-            """kmock 0.8 names the core group's version "/v1"; kubectl then maps no core kind."""
-            payload = await original(emulator, request)
-            if isinstance(payload, dict) and str(payload.get("groupVersion", "")).startswith("/"):
-                payload = {**payload, "groupVersion": payload["groupVersion"][1:]}
-            return payload
-
-        self._patch = pytest.MonkeyPatch()
-        self._patch.setattr(k8s.KubernetesEmulator, "_serve_version", serve_version)  # bound at construction
-        self._emu = EmulatorThread().__enter__()
+        self._emu = EmulatorThread().__enter__()  # its /api/v1 says groupVersion "v1", as kubectl needs
         for key, kind, namespaced in EXTRA_KINDS:
             self._emu.call(lambda k=key, kd=kind, n=namespaced: self._emu.emulator.declare(k, kd, namespaced=n))
         self.config = self.workdir / "kubeconfig"
@@ -236,4 +222,3 @@ class emulated_kubectl:  # noqa: N801 (a context manager used like a function)
 
     def __exit__(self, *exc):
         self._emu.__exit__(*exc)
-        self._patch.undo()

@@ -402,7 +402,11 @@ def test_c_kill_during_an_upload_leaves_no_manifest_restart_uses_the_previous(
     config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=16, save_steps=4)
     out = output_dir(config)
     proc = start_train(config, tmp_path / "1.log", through(gate))
-    wait_until(gate.held.is_set, proc, tmp_path / "1.log", f"the upload of checkpoint-8/{held_file}")
+    # Held, and (observably) some other file of checkpoint-8 already stored: the small files
+    # travel beside the held big one, and a kill before any of them landed (a slow machine)
+    # would leave nothing of checkpoint-8 to find.
+    wait_until(lambda: gate.held.is_set() and 8 in bucket.steps(), proc, tmp_path / "1.log",
+               f"the upload of checkpoint-8/{held_file}, another file of it stored")
     kill_pod(proc)
 
     stored = bucket.steps()

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kube_emulator import cluster, emulator, wait_for  # noqa: F401  (fixtures)
 
+from finetune_operator.testing.kube_emulator import wait_for
 from finetune_trainer import contract
 from finetune_trainer import process_guard, secret_env
 from finetune_trainer.evaluation.sandbox import OUTPUT_TAIL, SandboxLimits, kernel_view, run_program

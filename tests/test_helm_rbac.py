@@ -37,9 +37,7 @@ import yaml
 from kube_tools import REPO, helm_template
 
 pytest.importorskip("kmock")
-from kmock._internal import parsing  # noqa: E402
-
-from kube_emulator import EmulatorThread  # noqa: E402
+from finetune_operator.testing.kube_emulator import EmulatorThread  # noqa: E402  (fixture `emulator`: the plugin's)
 
 OPERATOR_TOKEN = "operator-token"
 TESTER_TOKEN = "tester-token"
@@ -133,23 +131,7 @@ def used_by(grant_triple: tuple[str | None, str, str, str], requests: Iterable[A
                and (scope is None or r.namespace is not None) for r in requests)
 
 
-# ------------------------------------------------------------------ the emulator, taught two paths
-
-
-def parse_path(path: str, _original: Callable = parsing.parse_path) -> parsing.ParsedPath:
-    """kmock 0.8 reads /api/v1/namespaces as 'the namespace prefix with nothing after it' and
-    answers 500; kopf lists and watches that path when it serves named namespaces."""
-    parts = path.split("?")[0].strip("/").split("/")
-    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
-        return parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
-    return _original(path)
-
-
-@pytest.fixture
-def emulator(monkeypatch):
-    monkeypatch.setattr(parsing, "parse_path", parse_path)
-    with EmulatorThread() as emu:
-        yield emu
+# ------------------------------------------------------------------ the emulator and its clients
 
 
 def kubeconfig(path: Path, url: str, token: str) -> Path:

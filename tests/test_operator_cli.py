@@ -13,7 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from kube_emulator import cluster, emulator, wait_for  # noqa: F401  (fixtures)
+
+from finetune_operator.testing.kube_emulator import wait_for
 
 FINETUNE = str(Path(sys.executable).parent / "finetune")
 

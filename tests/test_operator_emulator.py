@@ -7,10 +7,9 @@ garbage collection), so each is checked here against what a real API server does
 from __future__ import annotations
 
 import pytest
-from kube_emulator import Cluster, EmulatorThread, matches_selector, names  # noqa: F401
-from kube_emulator import cluster, emulator  # noqa: F401  (fixtures)
 
 from finetune_operator.kube import JSON_PATCH, ApiError
+from finetune_operator.testing.kube_emulator import matches_selector, names
 
 FTJ = ("finetune.dev/v1alpha1", "FineTuneJob")
 

@@ -140,14 +140,14 @@ def test_every_rejected_generation_is_announced():
     assert (event.type, event.reason, event.event_type) == ("Accepted", "SpecChangeRejected", "Warning")
 
 
-def test_status_writer_prefers_the_recorded_child_summary():
+def test_reconcile_fields_prefer_the_recorded_child_summary():
     fresh = {"metadata": {"generation": 1}, "status": {"pytorchJob": {"name": "j", "conditions": [
         {"type": "Running", "status": "True"}]}, "progress": {"step": 3}}}
     stale = handlers.Outcome(st.Acceptance.valid(1), {"name": "j", "conditions": []})
-    handlers.status_writer(stale, False, "t")(fresh)
-    by_type = {c["type"]: c["status"] for c in fresh["status"]["conditions"]}
-    assert by_type["Running"] == "True" and fresh["status"]["phase"] == "Running"
-    assert fresh["status"]["progress"] == {"step": 3}  # the trainer's field is left alone
+    fields = handlers.reconcile_fields(stale, False, "t")(fresh)
+    by_type = {c["type"]: c["status"] for c in fields["conditions"]}
+    assert by_type["Running"] == "True" and fields["phase"] == "Running"
+    assert "progress" not in fields  # the trainer's field is left alone
 
 
 def test_api_errors_are_classified():

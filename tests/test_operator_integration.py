@@ -3,7 +3,8 @@
 Every test talks HTTP: the test plays kubectl and the training operator through the
 official client, the operator runs in its own thread and event loop, and assertions wait
 on conditions (polling the API), never on fixed sleeps. What the emulator cannot prove is
-listed in kube_emulator.py's docstring.
+listed in finetune_operator/testing/kube_emulator.py's docstring. The fixtures `cluster`,
+`emulator` and `operator` come from the plugin finetune_operator.testing.fixtures.
 """
 
 from __future__ import annotations
@@ -13,18 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kube_emulator import (  # noqa: F401  (cluster, emulator, operator are fixtures)
-    OperatorThread,
-    cluster,
-    emulator,
-    is_create,
-    names,
-    operator,
-    pytorchjob_conditions,
-    wait_for,
-)
 
 from finetune_operator.kube import ApiError
+from finetune_operator.testing.kube_emulator import OperatorThread, is_create, names, pytorchjob_conditions, wait_for
 from finetune_trainer.status_reporter import StatusReporter
 
 FTJ = ("finetune.dev/v1alpha1", "FineTuneJob")
@@ -432,7 +424,7 @@ def test_children_are_deterministic_across_reconciles(cluster, emulator, operato
 
 def test_unreachable_api_is_an_api_error_not_a_crash():
     from finetune_operator.kube import Kube
-    from kube_emulator import api_configuration
+    from finetune_operator.testing.kube_emulator import api_configuration
 
     kube = Kube(api_configuration("http://127.0.0.1:9"), timeout=2)
     with pytest.raises(ApiError) as err:

@@ -7,8 +7,8 @@ import math
 import threading
 
 import pytest
-from kube_emulator import cluster, emulator, wait_for  # noqa: F401  (fixtures)
 
+from finetune_operator.testing.kube_emulator import wait_for
 from finetune_trainer.status_reporter import StatusReporter, human_duration, progress_status
 
 NOW = "2026-01-01T00:00:00Z"

@@ -19,7 +19,7 @@ from finetune_trainer.training.callbacks import (
     progress_update,
 )
 from finetune_trainer.training.plots import loss_series, plot_loss, read_metrics
-from finetune_trainer.train import find_resume_checkpoint, prepare_metrics_file, prompt_ids
+from finetune_trainer.train import prepare_metrics_file, prompt_ids
 
 
 def test_train_log_becomes_a_record():
@@ -106,14 +106,22 @@ def test_plot_from_metrics(tmp_path):
     assert plot_loss(tmp_path / "empty.jsonl", tmp_path / "none.png") is None
 
 
-def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
-    assert find_resume_checkpoint(tmp_path / "absent") is None
-    for step, complete in ((5, True), (10, True), (15, False)):
+def test_resume_without_storage_uses_the_same_rule_the_newest_checkpoint_whose_manifest_verifies(tmp_path):
+    """No object storage: a checkpoint is complete once its local manifest is written and
+    its files verify, exactly as in storage (one finder: storage.checkpoints)."""
+    from finetune_trainer.storage.checkpoints import find_resume_checkpoint, write_local_manifest
+
+    assert find_resume_checkpoint(None, tmp_path / "absent") is None
+    for step, manifest in ((5, True), (10, True), (15, False)):  # 15: killed before its manifest
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
-        if complete:
-            (d / "trainer_state.json").write_text("{}")
-    assert find_resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+        (d / "trainer_state.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(b"w" * step)
+        if manifest:
+            write_local_manifest(d, step, None, config={"training": {"learning_rate": 0.1}})
+    assert find_resume_checkpoint(None, tmp_path) == tmp_path / "checkpoint-10"
+    (tmp_path / "checkpoint-10" / "model.safetensors").write_bytes(b"torn")  # a file that no longer verifies
+    assert find_resume_checkpoint(None, tmp_path) == tmp_path / "checkpoint-5"
 
 
 def test_metrics_file_trimmed_to_the_resumed_step(tmp_path):

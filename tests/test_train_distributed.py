@@ -1,9 +1,8 @@
 """`finetune train` under `torchrun --nproc_per_node 2` on loopback (gloo): plain DDP with
 LoRA, and DeepSpeed ZeRO-2 / ZeRO-3 through the trainer's own config mapping.
 
-Each run goes through a small launcher that registers one extra TrainerCallback through
-`train.CALLBACK_FACTORIES` (the hook other stages use) to write a hash of every rank's
-trainable parameters, then calls the real CLI. What this cannot cover here: NCCL, GPUs,
+Each run goes through a small launcher that hands `train()` one extra TrainerCallback (its
+`callbacks` argument) to write a hash of every rank's trainable parameters. What this cannot cover here: NCCL, GPUs,
 more than one machine."""
 
 from __future__ import annotations
@@ -25,9 +24,10 @@ PAIRS = [("Say the first word.", "apple"), ("Say the second word.", "banana"),
 
 LAUNCHER = '''
 import hashlib, os, sys
+from pathlib import Path
 from transformers import TrainerCallback
-from finetune_trainer import train
-from finetune_trainer.cli import main
+from finetune_trainer.config import load_config
+from finetune_trainer.train import run_command
 
 
 class HashTrainable(TrainerCallback):
@@ -54,8 +54,10 @@ class HashTrainable(TrainerCallback):
         (self.out / f"rank{os.environ['RANK']}.sha256").write_text(digest.hexdigest())
 
 
-train.CALLBACK_FACTORIES.append(lambda cfg, out: HashTrainable(out))
-sys.exit(main(sys.argv[1:]))
+config = sys.argv[sys.argv.index("--config") + 1]
+loaded = load_config(config, mode="train")
+out = Path(loaded.config.output.output_dir)
+sys.exit(run_command(loaded.config, base_dir=Path(config).resolve().parent, callbacks=[HashTrainable(out)]))
 '''
 
 

@@ -187,11 +187,12 @@ def test_spectrum_trains_only_the_selected_modules(tmp_path, roomy_tiny_dir, cap
 
 
 def test_a_plugin_stops_with_its_exit_code_and_the_next_run_resumes(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    """The preemption path: a plug-in (through train.CALLBACK_FACTORIES) saves and stops at
-    step 4 and asks for exit 143; the retried run resumes from checkpoint-4."""
+    """The preemption path: a callback (train()'s `callbacks`) saves and stops at step 4 and
+    asks for exit 143; the retried run resumes from checkpoint-4."""
     from transformers import TrainerCallback
 
-    from finetune_trainer import train
+    from finetune_trainer.config import load_config
+    from finetune_trainer.train import run_command
 
     class StopAt4(TrainerCallback):
         exit_code = None
@@ -202,13 +203,15 @@ def test_a_plugin_stops_with_its_exit_code_and_the_next_run_resumes(tmp_path, ti
                 self.exit_code = 143
 
     cfg = tiny_config(tmp_path, tiny_model_dir, output={"save_steps": 100})
-    monkeypatch.setattr(train, "CALLBACK_FACTORIES", [lambda cfg, out: StopAt4()])
-    assert run_train(tmp_path, cfg) == 143
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_command(load_config(path, mode="train").config, base_dir=tmp_path, callbacks=[StopAt4()]) == 143
     out = tmp_path / "out"
     assert (out / "checkpoint-4").is_dir()
+    manifest = json.loads((out / "checkpoint-4" / "manifest.json").read_text())  # no storage: written locally
+    assert manifest["step"] == 4 and manifest["config"]["output"]["output_dir"] == str(out)
     assert not (out / "train_results.json").exists() and not (out / "adapter_model.safetensors").exists()
 
-    monkeypatch.setattr(train, "CALLBACK_FACTORIES", [])
     rc = run_train(tmp_path, cfg)
     assert rc == 0, capsys.readouterr().err
     results = json.loads((out / "train_results.json").read_text())

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kube_emulator import cluster, emulator, wait_for  # noqa: F401  (fixtures)
+
+from finetune_operator.testing.kube_emulator import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -50,6 +51,9 @@ def test_training_progress_and_checkpoint_reach_the_status(tmp_path, tiny_model_
     assert progress["loss"] > 0 and "lastUpdatedTime" in progress
     assert progress["checkpointUri"].startswith(f"file://{storage}") and "checkpoint-" in progress["checkpointUri"]
     assert progress["storageDegraded"] is False
+    # self-describing checkpoints: the manifest carries the run's resolved config
+    manifest = json.loads((storage / "checkpoints" / "checkpoint-4" / "manifest.json").read_text())
+    assert manifest["config"]["training"]["max_steps"] == 4 and manifest["config"]["dataset"]["train_path"] == str(data)
     # benchmarks before -> after: the table, evaluation.json (with final/), status.evaluation
     assert "before" in proc.stdout and "human-eval" in proc.stdout
     report = json.loads((storage / "final" / "evaluation.json").read_text())

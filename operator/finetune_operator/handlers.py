@@ -5,11 +5,12 @@ Thin edges over pure code (render.py, status.py, kube.py's helpers):
 1. reconcile (create / resume / spec update): validate and render; on an invalid spec write
    Accepted=False with every `path: message`, post a Warning Event, create nothing. Otherwise
    apply each child idempotently (create; 409 -> read, patch what drifted), then write the
-   status derived from what was applied through the /status subresource (kopf's patch.fns:
-   a JSON patch guarded by the resourceVersion).
-2. pytorchjob_event: every event of a labelled PyTorchJob recomputes the owner's status
-   (JSON patch on /status with a resourceVersion test, re-read on 422) and posts an Event
-   per condition transition. The exit code comes from the pods when the job failed or restarts.
+   status derived from what was applied.
+2. pytorchjob_event: every event of a labelled PyTorchJob recomputes the owner's status.
+   The exit code comes from the pods when the job failed or restarts.
+Both write through `write_status`, the one writer: derive on the freshest body at hand,
+JSON-patch /status guarded by its resourceVersion, on 422 re-read and derive again; the
+Events posted (one per condition transition) are computed from what was written.
 
 Spec edits after start are REJECTED, except spec.suspend: a training run cannot change its
 model, data or hyper-parameters mid-way and still resume from its checkpoints, and silently
@@ -159,18 +160,49 @@ def refuse_to_apply(kube: Kube, job: Mapping[str, Any], generation: int) -> Outc
     return None
 
 
-def status_writer(outcome: Outcome, spec_suspend: bool, when: str) -> Callable[[dict[str, Any]], None]:
-    """A kopf patch fn: derive status on the freshest body kopf has (it diffs it into a JSON
-    patch with a resourceVersion test, and re-applies this fn on a newer body after a 422).
+def reconcile_fields(outcome: Outcome, spec_suspend: bool, when: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """What a reconcile writes, derived on whichever body `write_status` has (the handler's,
+    or a re-read after a conflict). The PyTorchJob summary already in status wins over the
+    one this reconcile read: it is written by the PyTorchJob's own event handler, which sees
+    every later change."""
 
-    The PyTorchJob summary already in status wins over the one this reconcile read: it is
-    written by the PyTorchJob's own event handler, which sees every later change."""
+    def fields(body: Mapping[str, Any]) -> dict[str, Any]:
+        status = body.get("status") or {}
+        return derive(body, outcome.acceptance, spec_suspend, child_summary(status, outcome), when)
 
-    def write(body: dict[str, Any]) -> None:
-        status = body.setdefault("status", {})
-        status.update(derive(body, outcome.acceptance, spec_suspend, child_summary(status, outcome), when))
+    return fields
 
-    return write
+
+Derivation = Callable[[Mapping[str, Any]], "dict[str, Any] | None"]
+
+
+def write_status(kube: Kube, owner: Mapping[str, Any], fields_for: Derivation,
+                 logger: logging.Logger) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The one status writer. Derive the fields on `owner` (the freshest body at hand),
+    JSON-patch /status with a resourceVersion test; on 422 (someone wrote first) read the
+    owner again and derive again. Returns (status before, fields written); None when the
+    derivation wants nothing written, nothing changed, or the owner is gone."""
+    meta = owner["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    for attempt in range(MAX_STATUS_CONFLICTS):
+        if attempt:
+            owner = kube.get(API_VERSION, KIND, namespace, name)
+            if owner is None:
+                return None
+        status = dict(owner.get("status") or {})
+        new = fields_for(owner)
+        if new is None or not st.status_changed(status, new):
+            return None
+        try:
+            kube.patch(API_VERSION, KIND, namespace, name, status_json_patch(owner, new),
+                       content_type=JSON_PATCH, subresource="status")
+        except ApiError as err:
+            if err.status == 422:
+                continue
+            raise
+        return status, new
+    logger.warning(f"status of {namespace}/{name} kept changing under us; the next event retries")
+    return None
 
 
 def child_summary(status: Mapping[str, Any] | None, outcome: Outcome) -> dict[str, Any] | None:
@@ -202,45 +234,39 @@ def announce(owner: Mapping[str, Any], events: list[st.Transition]) -> None:
 
 def owner_events(before: Mapping[str, Any] | None, after: Mapping[str, Any], acceptance: st.Acceptance) -> list[st.Transition]:
     """Transitions, plus a Warning for every rejected generation (not only the first)."""
-    events = st.transitions((before or {}).get("conditions"), after["conditions"])
+    events = st.transitions((before or {}).get("conditions"), after.get("conditions") or [])
     if acceptance.status == st.FALSE and not any(e.type == st.ACCEPTED for e in events):
         events.append(st.Transition(st.ACCEPTED, st.FALSE, acceptance.reason, acceptance.message))
     return events
 
 
 def sync_owner_status(kube: Kube, pytorchjob: Mapping[str, Any], logger: logging.Logger) -> None:
-    """PyTorchJob -> its FineTuneJob's status: read the owner, derive, JSON-patch /status with
-    a resourceVersion test; on 422 (someone wrote first) read again and re-derive."""
+    """PyTorchJob -> its FineTuneJob's status, through `write_status`."""
     meta = pytorchjob["metadata"]
     namespace, owner_name = meta["namespace"], meta["labels"][LABEL_JOB_NAME]
     summary = st.summarize_pytorchjob(pytorchjob, read_exit(kube, namespace, pytorchjob))
-    for _ in range(MAX_STATUS_CONFLICTS):
-        owner = kube.get(API_VERSION, KIND, namespace, owner_name)
-        owner_uid = (owner or {}).get("metadata", {}).get("uid")
-        if owner is None or not any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or []):
-            return  # the owner is gone (GC follows) or this is not its child
+    owner = kube.get(API_VERSION, KIND, namespace, owner_name)
+    if owner is None:
+        return  # the owner is gone (GC follows)
+
+    def fields(owner: Mapping[str, Any]) -> dict[str, Any] | None:
+        owner_uid = owner["metadata"].get("uid")
+        if not any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or []):
+            return None  # not this owner's child (a namesake re-created since)
         status = owner.get("status") or {}
         if st.find(status.get("conditions"), st.ACCEPTED) is None:
             # The reconcile that created this child has not written status yet; it will, from
             # its own read of the child, or from a newer summary recorded here (which it prefers).
             if st.blank_summary(summary) or status.get("pytorchJob") == summary:
-                return
-            new = {"pytorchJob": summary}
-        else:
-            acceptance = st.Acceptance.from_conditions(status.get("conditions"), int(owner["metadata"].get("generation") or 1))
-            new = derive(owner, acceptance, (owner.get("spec") or {}).get("suspend") is True, summary, now())
-        if not st.status_changed(status, new):
-            return
-        try:
-            kube.patch(API_VERSION, KIND, namespace, owner_name, status_json_patch(owner, new),
-                       content_type=JSON_PATCH, subresource="status")
-        except ApiError as err:
-            if err.status == 422:
-                continue
-            raise
-        announce(owner, st.transitions(status.get("conditions"), new.get("conditions", [])))
-        return
-    logger.warning(f"status of {namespace}/{owner_name} kept changing under us; the next event retries")
+                return None
+            return {"pytorchJob": summary}
+        acceptance = st.Acceptance.from_conditions(status.get("conditions"), int(owner["metadata"].get("generation") or 1))
+        return derive(owner, acceptance, (owner.get("spec") or {}).get("suspend") is True, summary, now())
+
+    written = write_status(kube, owner, fields, logger)
+    if written is not None:
+        before, new = written
+        announce(owner, st.transitions(before.get("conditions"), new.get("conditions", [])))
 
 
 def fresh_child(pytorchjob: Mapping[str, Any]) -> bool:
@@ -275,15 +301,16 @@ def reconciles(memo: kopf.Memo, **_: Any) -> int:
 @kopf.on.resume(*FINETUNEJOBS)
 @kopf.on.create(*FINETUNEJOBS)
 @kopf.on.update(*FINETUNEJOBS, field="spec")
-def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    """Validate, render, apply the children, and derive status from what was applied."""
+def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Read (kopf's body) -> decide (reconcile_job: render, checks, apply) -> write status once,
+    and post the Events of what was written."""
     job, when = as_job(body), now()
     with api_errors(getattr(memo, "retry_delay", RETRY_DELAY)):
         outcome = reconcile_job(memo.kube, job, memo.render_settings)
-    spec_suspend = (job.get("spec") or {}).get("suspend") is True
-    patch.fns.append(status_writer(outcome, spec_suspend, when))
-    expected = derive(job, outcome.acceptance, spec_suspend, child_summary(job.get("status"), outcome), when)
-    announce(job, owner_events(job.get("status"), expected, outcome.acceptance))
+        spec_suspend = (job.get("spec") or {}).get("suspend") is True
+        written = write_status(memo.kube, job, reconcile_fields(outcome, spec_suspend, when), logger)
+    before, after = written if written is not None else (job.get("status") or {}, job.get("status") or {})
+    announce(job, owner_events(before, {**before, **after}, outcome.acceptance))
     if "stats" in memo:
         memo.stats["reconciles"] += 1
     logger.info(f"{outcome.acceptance.reason}: " + ", ".join(f"{k} {n} {a}" for k, n, a in outcome.applied))

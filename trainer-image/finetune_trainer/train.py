@@ -50,19 +50,6 @@ CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "train_results.json"
 SAMPLE_NEW_TOKENS = 40
 
-# Other stages plug in here without editing this file (checkpoint upload, operator status):
-# a factory gets the config and the output directory and returns a TrainerCallback or None.
-# A plug-in that stops training on purpose (SIGTERM: checkpoint saved, exit 143 so the
-# restart policy retries) sets an `exit_code` attribute that is not None; the run then
-# ends with that code, without the final evaluation and save.
-CallbackFactory = Callable[[FineTuneConfig, Path], Any]
-def _storage_plugin(cfg: FineTuneConfig, out: Path) -> Any:
-    from .storage.plugin import storage_plugin
-
-    return storage_plugin(cfg, out)
-
-
-CALLBACK_FACTORIES: list[CallbackFactory] = [_storage_plugin]
 
 
 @dataclass
@@ -84,7 +71,9 @@ def train(
 ) -> RunResult:
     """One fine-tuning run of a checked config (`load_config(..., mode="train")`).
 
-    `callbacks` are extra TrainerCallbacks; `reporters` get a progress dict at every log."""
+    `callbacks` are extra TrainerCallbacks (one that stops training on purpose sets an
+    `exit_code` that is not None: the run ends with it, without the final evaluation and
+    save); `reporters` get a progress dict at every log."""
     cfg = seed_config(cfg, base_dir=base_dir)
     out = Path(cfg.output.output_dir)
     main = is_main_process()
@@ -128,14 +117,14 @@ def train(
     )
     _ = args.device  # sets up torch.distributed now: plug-ins agree on the resume point through it
 
-    # Plug-ins (checkpoint storage, status) are built before the resume decision: the storage
-    # one fetches the checkpoint to resume from into the output directory.
-    extra = [cb for factory in CALLBACK_FACTORIES if (cb := factory(cfg, out)) is not None]
+    # Storage decides where the run resumes (after a preemption or a crash): the newest
+    # checkpoint whose manifest verifies, in object storage or on this disk, fetched into the
+    # output directory. As the Trainer runs, it writes each checkpoint's manifest (and uploads
+    # it) and turns SIGTERM into a save.
+    from .storage.plugin import open_storage
 
-    # Resume (after a preemption or a crash) from the newest complete checkpoint: storage's
-    # choice when there is storage, else the newest complete local one.
-    resume = next((r for cb in extra if (finder := getattr(cb, "resume_checkpoint", None)) and (r := finder())), None)
-    resume = resume or find_resume_checkpoint(out)
+    storage = open_storage(cfg, out)
+    resume = storage.resume_checkpoint()
     if main:
         prepare_metrics_file(out / METRICS_FILE, resume_step=checkpoint_step(resume) if resume else None)
         with (out / METRICS_FILE).open("a", encoding="utf-8") as f:
@@ -154,9 +143,9 @@ def train(
         processing_class=tokenizer,
         callbacks=[
             NonFiniteLossGuard(),
-            MetricsCallback(out / METRICS_FILE, reporters=with_plugin_fields(reporters, [*extra, DataFields(data.stats)])),
+            MetricsCallback(out / METRICS_FILE, reporters=with_fields(reporters, [storage, DataFields(data.stats)])),
             session,
-            *extra,
+            storage,
             *callbacks,
         ],
     )
@@ -171,7 +160,7 @@ def train(
 
     # With an eval set, TrainingArguments(eval_on_start=True) gives the loss before training.
     outcome = trainer.train(resume_from_checkpoint=resume)
-    stopped = early_exit_code([*extra, *callbacks])
+    stopped = storage.exit_code if storage.exit_code is not None else early_exit_code(callbacks)
     if stopped is not None:  # e.g. preempted: the checkpoint is saved, the run is not finished
         log.warning("training stopped at step %d; exiting %d", trainer.state.global_step, stopped)
         _end(trainer)
@@ -195,9 +184,7 @@ def train(
         plot_loss(out / METRICS_FILE, out / LOSS_PLOT_FILE)
     if trainer.is_world_process_zero() and cfg.evaluation.benchmarks and benchmarks_can_run(cfg):
         evaluate_after(trainer.model, tokenizer, cfg, out, before, reporters)
-    for plugin in extra:
-        if callable(finish := getattr(plugin, "on_run_end", None)):
-            finish(out)  # e.g. metrics.jsonl and final/ to object storage
+    storage.publish(out)  # metrics.jsonl and final/ to object storage
     if cfg.output.push_to_hub:
         trainer.push_to_hub(commit_message=f"finetune: {cfg.fine_tuning.method} of {cfg.model.base_model}")
 
@@ -231,10 +218,10 @@ def evaluate_after(model, tokenizer, cfg: FineTuneConfig, out: Path, before, rep
             send(summary)
 
 
-def with_plugin_fields(reporters: Sequence[ProgressReporter], plugins: Sequence[Any]) -> list[ProgressReporter]:
-    """Reporters that also get what plug-ins add to a progress update (e.g. the newest
-    checkpoint in storage, and whether uploads are degraded)."""
-    sources = [fields for p in plugins if callable(fields := getattr(p, "progress_fields", None))]
+def with_fields(reporters: Sequence[ProgressReporter], stages: Sequence[Any]) -> list[ProgressReporter]:
+    """Reporters that also get what the stages add to a progress update (storage: the newest
+    checkpoint and whether uploads are degraded; data: samples and skipped rows)."""
+    sources = [stage.progress_fields for stage in stages]
     if not sources:
         return list(reporters)
 
@@ -317,18 +304,6 @@ def seed_config(cfg: FineTuneConfig, *, base_dir: Path) -> FineTuneConfig:
 
 def checkpoint_step(path: str | Path) -> int:
     return int(Path(path).name.rsplit("-", 1)[-1])
-
-
-def find_resume_checkpoint(output_dir: Path) -> str | None:
-    """The newest `checkpoint-N` that holds trainer_state.json (written last by the Trainer,
-    so a checkpoint cut short by a kill is skipped)."""
-    if not output_dir.is_dir():
-        return None
-    complete = [
-        p for p in output_dir.glob("checkpoint-*")
-        if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()
-    ]
-    return str(max(complete, key=checkpoint_step)) if complete else None
 
 
 def prepare_metrics_file(path: Path, *, resume_step: int | None) -> None:

@@ -61,6 +61,7 @@ class Manifest:
     timestamp: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
     nodes: int = 1
+    config: dict | None = None  # the run's resolved config: a checkpoint says what made it
 
     @property
     def prefix(self) -> str:
@@ -165,6 +166,7 @@ def upload_checkpoint(
     attempt: str = "",
     parts_timeout: float = 1800.0,
     poll_interval: float = 1.0,
+    config: dict | None = None,
 ) -> Manifest | None:
     """Upload `local_dir` as checkpoint `step`, manifest last. Returns the manifest, or None
     on nodes other than node 0 (they only upload their files and their part list).
@@ -186,10 +188,21 @@ def upload_checkpoint(
         if node_rank != 0:
             return None
         entries = _gather_parts(store, step, num_nodes, attempt, parts_timeout, poll_interval)
-    manifest = Manifest(step=step, epoch=epoch, files=tuple(entries), nodes=num_nodes)
+    manifest = Manifest(step=step, epoch=epoch, files=tuple(entries), nodes=num_nodes, config=config)
     _write_local_manifest(local_dir, manifest)  # this folder is now a verified local candidate
     store.put_bytes(manifest.to_json(), join_key(prefix, MANIFEST))  # LAST
     log.info("checkpoint %s complete: %d files, %.1f MB", store.uri_for(prefix), len(entries), manifest.total_bytes / 1e6)
+    return manifest
+
+
+def write_local_manifest(local_dir: str | os.PathLike, step: int, epoch: float | None, *,
+                         config: dict | None = None) -> Manifest:
+    """A run without object storage: the same manifest (files, sizes, sha256, the config),
+    on the checkpoint folder only, so "complete" means the same thing with or without storage."""
+    local_dir = Path(local_dir)
+    entries = [FileEntry(r, (local_dir / r).stat().st_size, sha256_file(local_dir / r)) for r in local_files(local_dir)]
+    manifest = Manifest(step=step, epoch=epoch, files=tuple(entries), config=config)
+    _write_local_manifest(local_dir, manifest)
     return manifest
 
 

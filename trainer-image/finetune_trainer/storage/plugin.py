@@ -1,10 +1,17 @@
-"""The trainer's storage plug-in: resume from, sync checkpoints to, and publish results in
-`output.storage_uri`; save and exit 143 on SIGTERM.
+"""The trainer's storage stage: where a run resumes, checkpoints as it trains, the
+preemption save (SIGTERM: save, exit 143), and publishing the results.
 
-`train.py` builds it through `CALLBACK_FACTORIES` (after torch.distributed is up), asks it
-for the checkpoint to resume from, hands it to the Trainer as a callback, and calls
-`on_run_end` after the final save. Storage problems never fail the training: uploads
-degrade and retry (see uploader.py); only the resume choice must agree across ranks.
+`train()` calls it by name, in this order (after torch.distributed is up):
+    storage = open_storage(cfg, output_dir)
+    resume = storage.resume_checkpoint()       # one rule, with or without object storage
+    Trainer(callbacks=[..., storage])          # each save: a manifest, and the upload
+    storage.exit_code                          # not None: preempted, the checkpoint is saved
+    storage.publish(output_dir)                # metrics.jsonl and final/ to storage
+A checkpoint is complete when its manifest (files, sizes, sha256, the resolved config) is
+written and its files verify: in `output.storage_uri` and on this disk alike (a run without
+storage writes the manifest next to the checkpoint). Storage problems never fail the
+training: uploads degrade and retry (see uploader.py); only the resume choice must agree
+across ranks.
 """
 
 from __future__ import annotations
@@ -60,8 +67,6 @@ class StoragePlugin(CheckpointSyncCallback):
         """The checkpoint every rank resumes from: global rank 0 chooses (storage first, then
         local, verified), every node's local rank 0 makes sure that exact step is on its disk
         (a node's disk holds only the files its ranks wrote), then all ranks meet."""
-        if self.store is None:
-            return None
         chosen = None
         if world().rank == 0:
             path = find_resume_checkpoint(self.store, self.output_dir)
@@ -73,10 +78,10 @@ class StoragePlugin(CheckpointSyncCallback):
             chosen = box[0]
         if chosen is None:
             return None
-        if world().rank == 0:
+        if world().rank == 0 and self.store is not None:
             self._restore_metrics()
         target = self.output_dir / f"checkpoint-{chosen}"
-        if world().local_rank == 0 and world().rank != 0:
+        if self.store is not None and world().local_rank == 0 and world().rank != 0:
             manifest = _read_manifest(self.store, chosen)
             if manifest is None:
                 raise StorageError(f"checkpoint-{chosen} chosen by rank 0 has no manifest in {self.store.uri}")
@@ -105,7 +110,7 @@ class StoragePlugin(CheckpointSyncCallback):
     def progress_fields(self) -> dict[str, Any]:
         """What the progress report shows about storage: the newest complete checkpoint, and
         whether uploads are failing (training goes on; they are retried at the next save)."""
-        if self.uploader is None:
+        if self.uploader is None or self.store is None:
             return {}
         status = self.uploader.status
         fields: dict[str, Any] = {"checkpoint_uri": status.last_uploaded_uri, "storage_degraded": status.degraded}
@@ -113,7 +118,7 @@ class StoragePlugin(CheckpointSyncCallback):
             fields["storage_error"] = status.last_error[:300]
         return fields
 
-    def on_run_end(self, output_dir: Path) -> None:
+    def publish(self, output_dir: Path) -> None:
         """After the final save: `metrics.jsonl` and `final/` to storage (global rank 0)."""
         if self.uploader is not None:
             self.uploader.close()
@@ -160,15 +165,16 @@ class StoragePlugin(CheckpointSyncCallback):
             self.stopped_by_signal = True
 
 
-def storage_plugin(cfg: FineTuneConfig, output_dir: Path) -> StoragePlugin:
-    """CALLBACK_FACTORIES entry: always handles SIGTERM; syncs when `output.storage_uri` is set."""
+def open_storage(cfg: FineTuneConfig, output_dir: Path) -> StoragePlugin:
+    """The run's storage stage: always handles SIGTERM and writes each checkpoint's manifest;
+    syncs to `output.storage_uri` when it is set."""
     preemption = install_preemption_handler()
-    store = uploader = None
-    if cfg.output.storage_uri:
-        store = open_store(cfg.output.storage_uri)
-        if world().local_rank == 0:
-            node_rank, num_nodes = node_topology()
-            uploader = BackgroundUploader(
-                store, save_total_limit=cfg.output.save_total_limit, node_rank=node_rank, num_nodes=num_nodes
-            )
+    store = open_store(cfg.output.storage_uri) if cfg.output.storage_uri else None
+    uploader = None
+    if world().local_rank == 0:  # each node's local rank 0 writes (and uploads) what its node saved
+        node_rank, num_nodes = node_topology()
+        uploader = BackgroundUploader(
+            store, save_total_limit=cfg.output.save_total_limit, node_rank=node_rank, num_nodes=num_nodes,
+            config=cfg.model_dump(mode="json"),
+        )
     return StoragePlugin(store, uploader, preemption, output_dir)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..contract import world
-from .checkpoints import Manifest, apply_retention, checkpoint_prefix, upload_checkpoint
+from .checkpoints import Manifest, apply_retention, checkpoint_prefix, upload_checkpoint, write_local_manifest
 from .stores import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def node_topology(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
 class BackgroundUploader:
     def __init__(
         self,
-        store: ObjectStore,
+        store: ObjectStore | None,
         *,
         save_total_limit: int | None = None,
         node_rank: int = 0,
@@ -59,8 +59,10 @@ class BackgroundUploader:
         attempt: str = "",
         parts_timeout: float = 900.0,
         on_uploaded: Callable[[Manifest], None] | None = None,
+        config: dict | None = None,
     ):
         self.store = store
+        self.config = config  # the resolved config, into every manifest
         self.save_total_limit = save_total_limit
         self.node_rank, self.num_nodes = node_rank, num_nodes
         self.attempt = attempt  # shared by all nodes; see CheckpointSyncCallback.on_train_begin
@@ -118,7 +120,7 @@ class BackgroundUploader:
                 last_error=self._last_error,
                 last_uploaded_step=self._last_step,
                 last_uploaded_uri=self.store.uri_for(checkpoint_prefix(self._last_step))
-                if self._last_step is not None
+                if self._last_step is not None and self.store is not None
                 else None,
                 uploading_step=self._current.step if self._current else None,
                 pending_step=self._pending.step if self._pending else None,
@@ -129,6 +131,15 @@ class BackgroundUploader:
         return self.status.degraded
 
     # ------------------------------------------------------------ worker side
+
+    def _write_manifest(self, job: UploadJob) -> bool:
+        try:
+            write_local_manifest(job.local_dir, job.step, job.epoch, config=self.config)
+        except FileNotFoundError:
+            log.warning("checkpoint %s vanished before its manifest was written; skipped", job.local_dir)
+        with self._cond:
+            self._last_step = job.step
+        return True
 
     def _run(self) -> None:
         while True:
@@ -145,11 +156,13 @@ class BackgroundUploader:
                 self._cond.notify_all()
 
     def _upload(self, job: UploadJob) -> bool:
+        if self.store is None:  # no object storage: the folder's manifest is all there is to write
+            return self._write_manifest(job)
         try:
             manifest = upload_checkpoint(
                 self.store, job.local_dir, job.step, job.epoch,
                 node_rank=self.node_rank, num_nodes=self.num_nodes,
-                attempt=self.attempt, parts_timeout=self.parts_timeout,
+                attempt=self.attempt, parts_timeout=self.parts_timeout, config=self.config,
             )
         except Exception as exc:
             if not job.local_dir.is_dir():  # the trainer's own rotation removed it; a newer one exists

@@ -1,30 +1,79 @@
-"""A Kubernetes API emulator for the operator's tests: kmock, taught the semantics we rely on.
+"""A Kubernetes API server emulator for the operator's tests: kmock, taught the semantics we rely on.
 
-kmock 0.8 stores objects and serves list/watch/get/create/patch/delete over real HTTP, but
-merges dicts naively. `KubeEmulator` adds what a real API server does and the operator's
-correctness depends on:
+A documented fake in the spirit of `kopf.testing`, not part of the operator's runtime (its
+modules never import it; it needs the `dev` extra: kmock). Tests get it through the pytest
+plugin `finetune_operator.testing.fixtures`; benchmarks/operator_scale.py imports it by name.
 
-- metadata.uid, creationTimestamp, resourceVersion (one counter, bumped on every real write;
-  a no-op patch writes nothing and sends no watch event), generation (bumped on changes
-  outside metadata and status only), generateName;
-- 409 AlreadyExists on create of an existing name; 404 on patch/delete of a missing one;
-- JSON patch (RFC 6902) with a failed `test` answered 422 (kopf's optimistic concurrency),
-  merge patch (RFC 7386), a merge patch carrying a stale resourceVersion answered 409;
-- the status subresource: a PATCH to /status changes only status, a plain PATCH cannot
-  change status (for resources declared with the `status` subresource), create drops status;
-- label selectors on list and watch (=, ==, !=, exists, !exists, in, notin);
-- watch streams that lose nothing between their snapshot and their live events;
-- background garbage collection: deleting an owner deletes (recursively) the objects whose
-  every ownerReference pointed at deleted owners, unless propagationPolicy is Orphan;
-  finalizers block deletion until removed.
+`KubeEmulator` is kmock 0.8's `KubernetesEmulator` (objects in memory, real HTTP, discovery)
+with the writes, reads and watches reimplemented. `EmulatorThread` runs it on a loopback port
+in its own thread and event loop, so synchronous tests, the official client and a kopf
+operator in another thread (`OperatorThread`) or process talk to it over real HTTP.
+`Cluster` plays kubectl and the training operator through the official client.
 
-Still not emulated (and so not proven by the tests): schema validation, defaulting and CEL
-rules of the CRD, admission webhooks, RBAC, strategic merge patch (treated as a merge
-patch), server-side apply, field selectors, watch bookmarks and 410 Gone, namespace
-lifecycle, the training operator itself (tests play its part by writing PyTorchJob status).
+Implemented (and checked in tests/test_kube_emulator.py and tests/test_operator_emulator.py):
 
-`EmulatorThread` runs the emulator on a loopback port in its own thread and event loop,
-so synchronous tests and a kopf operator in another thread talk to it over real HTTP.
+- resources: those in RESOURCES (more with `KubeEmulator.declare`), namespaced or cluster
+  scoped, with or without the status subresource; discovery at /api, /api/v1 (groupVersion
+  "v1"), /apis, /apis/<group>[/<version>] and /version; Namespaces at /api/v1/namespaces[/<name>];
+- server-set metadata: uid and creationTimestamp on create; resourceVersion, one counter for
+  the whole server, bumped on every real write (create, changing patch, deletion mark); a
+  patch that changes nothing writes nothing, keeps the resourceVersion and sends no watch
+  event; a list's metadata.resourceVersion is the counter's current value; generation 1 on
+  create, bumped when anything outside metadata and status changes (spec, data, ...);
+  generateName (a random suffix, collisions retried); a patch cannot change uid,
+  creationTimestamp, generation, name, namespace, deletionTimestamp or resourceVersion;
+- create (POST): 409 AlreadyExists for an existing name, 422 Invalid without a name; status
+  dropped for kinds with the status subresource, deletionTimestamp dropped;
+- get/patch/delete of a missing object: 404 NotFound; list/watch of an undeclared resource: 404;
+- PATCH: JSON patch (RFC 6902; application/json-patch+json, or a JSON list) with a failed
+  `test` op answered 422 Invalid and nothing written (kopf's optimistic concurrency), any other
+  op that cannot apply 422 too; JSON merge patch (RFC 7386: objects merge, null deletes,
+  anything else, lists included, replaces) for application/merge-patch+json, where a
+  metadata.resourceVersion that is not the current one answers 409 Conflict; a body that
+  is not an object 400;
+- the status subresource, for kinds declared with it: PATCH .../status changes only status,
+  a plain PATCH cannot change status; /status of other kinds, and any other subresource, 404;
+- DELETE: an object with finalizers gets deletionTimestamp (a MODIFIED event) and goes when
+  a patch removes its last finalizer; propagationPolicy=Orphan (DeleteOptions body or query)
+  keeps the dependents and takes the owner's uid out of their ownerReferences; otherwise
+  garbage collection: the objects whose every ownerReference uid names no live object are
+  deleted, recursively (grandchildren too), each honouring its own finalizers;
+- label selectors on list and watch: =, ==, !=, exists, !exists, in, notin;
+- list and watch in one namespace or across all of them;
+- watch (?watch=true): ADDED for every live matching object, then ADDED/MODIFIED/DELETED as
+  writes happen, with nothing lost between the snapshot and the live events; the stream
+  stays open until the client closes it;
+- errors as a real server sends them: a Status object (kind Status, code, reason, message,
+  details.causes) with the HTTP code;
+- fault injection (for tests, no real server has it): hooks awaited before every write
+  (`KubeEmulator.hooks`, `EmulatorThread.gate/fail/sever`); every request recorded
+  (`EmulatorThread.requests`).
+
+Not implemented (so not proven by any test that runs against it):
+
+- CRD schema validation, defaulting, pruning, CEL (x-kubernetes-validations) rules: a stored
+  CustomResourceDefinition serves nothing, resources are declared in code; no OpenAPI document
+  (/openapi/v2, /openapi/v3), so kubectl needs --validate=false;
+- authentication and RBAC (any token or none is accepted), admission webhooks and
+  ValidatingAdmissionPolicy, ResourceQuota, LimitRange;
+- PUT (replace, and its optimistic concurrency), collection deletes and POSTs to a name or a
+  subresource (all 405); server-side apply (415); strategic merge patch semantics
+  (application/strategic-merge-patch+json is applied as a JSON merge patch: lists are
+  replaced, never merged by key); dryRun (a dry run is a real write); managedFields;
+  DeleteOptions preconditions and gracePeriodSeconds;
+- resourceVersion on get/list/watch (always the current state: every watch starts from a
+  snapshot, whatever resourceVersion it asks for), resourceVersionMatch, limit/continue
+  pagination, fieldSelector, watch bookmarks, 410 Gone, watch timeoutSeconds; a watch with
+  a labelSelector sees no DELETED when an object's labels leave the selection (nor ADDED
+  when they enter it: it sees MODIFIED);
+- foreground deletion and blockOwnerDeletion (background collection always, and done
+  before the DELETE answers, where a real collector is asynchronous); Orphan on an object
+  with finalizers (its dependents are collected when it goes); ownerReference checks (kind,
+  namespace, controller uniqueness);
+- namespace lifecycle: objects may live in namespaces that do not exist, and deleting a
+  Namespace deletes nothing in it;
+- every controller: no kubelet, no Pods run, no training operator (tests play it by writing
+  PyTorchJob status through /status), no Event aggregation.
 """
 
 from __future__ import annotations
@@ -37,14 +86,20 @@ import re
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import jsonpatch
 import kmock
-from kmock._internal import apps, dicts, enums, parsing, rendering
+
+# The one private name left: kmock's wrapper for an error inside a started stream, which
+# KubeEmulator.__call__ unwraps exactly as kmock's own RawHandler.__call__ does.
+from kmock._internal.rendering import StreamingError
 
 from finetune_operator import spec as crd
+
+if TYPE_CHECKING:
+    import aiohttp.web
 
 # Resources the operator and its tests use: (group/version/plural, kind, namespaced, status subresource)
 RESOURCES = [
@@ -63,7 +118,7 @@ RESOURCES = [
 ]
 VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
 
-Hook = Callable[[rendering.Request], Awaitable[None]]
+Hook = Callable[[kmock.Request], Awaitable[None]]
 
 
 def now_rfc3339() -> str:
@@ -75,24 +130,6 @@ def _error(status: int, reason: str, message: str) -> kmock.KubernetesError:
     # into every error response (a tenth of the emulator's time under the scale benchmark).
     return kmock.KubernetesError(status=status, reason=reason, message=message,
                                  details={"causes": [{"reason": reason, "message": message}]})
-
-
-# ------------------------------------------------------------------ a kmock 0.8 parsing bug
-
-_parse_path = parsing.parse_path
-
-
-def _parse_path_with_namespaces(path: str) -> parsing.ParsedPath:
-    """kmock 0.8 reads /api/v1/namespaces[/<name>] as "inside a namespace" and fails (500) on
-    the namespace list that kopf needs for namespaced operation; those paths are Namespace objects."""
-    parts = path.strip("/").split("/")
-    if parts[:3] == ["api", "v1", "namespaces"] and (len(parts) <= 4 or parts[4:] in (["status"], ["finalize"])):
-        return parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) > 3 else None,
-                                  parts[4] if len(parts) > 4 else None)
-    return _parse_path(path)
-
-
-parsing.parse_path = _parse_path_with_namespaces
 
 
 # ------------------------------------------------------------------ label selectors
@@ -136,6 +173,51 @@ def matches_selector(labels: Mapping[str, str], selector: str | None) -> bool:
     return True
 
 
+# ------------------------------------------------------------------ patches
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge recursively, null deletes a key, anything
+    else (lists and scalars included) replaces. `target` is not changed."""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+# ------------------------------------------------------------------ the paths kmock 0.8 misreads
+
+NAMESPACES = kmock.resource(group="", version="v1", plural="namespaces")
+
+
+def namespace_path(path: str) -> tuple[str | None, str | None] | None:
+    """(name, subresource) when `path` addresses Namespace objects, else None.
+
+    kmock 0.8's path parser reads /api/v1/namespaces[/<name>[/status|/finalize]] as "inside a
+    namespace" and fails (500) on the namespace list kopf needs to run namespaced: these paths
+    are parsed by `KubeEmulator.__call__` instead."""
+    parts = path.strip("/").split("/")
+    if parts[:3] != ["api", "v1", "namespaces"] or len(parts) > 5:
+        return None
+    if len(parts) == 5 and parts[4] not in ("status", "finalize"):
+        return None  # /api/v1/namespaces/<ns>/<plural>: kmock reads those right
+    return (parts[3] or None if len(parts) > 3 else None), (parts[4] if len(parts) > 4 else None)
+
+
+def _action(method: str, name: str | None, query: Mapping[str, str]) -> kmock.action | None:
+    """The Kubernetes verb of a request, as kmock guesses it for every other path."""
+    if method == "GET" and query.get("watch") == "true":
+        return kmock.action.WATCH
+    if name is None:
+        return {"GET": kmock.action.LIST, "POST": kmock.action.CREATE}.get(method)
+    return {"GET": kmock.action.FETCH, "PATCH": kmock.action.UPDATE, "DELETE": kmock.action.DELETE}.get(method)
+
+
 # ------------------------------------------------------------------ the emulator
 
 
@@ -148,7 +230,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _counter: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
     _rv: int = attrs.field(default=0, init=False)
     _with_status: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
-    _direct: dict[enums.action, Any] = attrs.field(factory=dict, init=False)
+    _direct: dict[kmock.action, Any] = attrs.field(factory=dict, init=False)
     writes: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -158,9 +240,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._direct = {
             action: self.fallback[action] << serve
             for action, serve in [
-                (enums.action.LIST, self._serve_list), (enums.action.WATCH, self._serve_watch),
-                (enums.action.FETCH, self._serve_fetch), (enums.action.CREATE, self._serve_create),
-                (enums.action.UPDATE, self._serve_update), (enums.action.DELETE, self._serve_delete),
+                (kmock.action.LIST, self._serve_list), (kmock.action.WATCH, self._serve_watch),
+                (kmock.action.FETCH, self._serve_fetch), (kmock.action.CREATE, self._serve_create),
+                (kmock.action.UPDATE, self._serve_update), (kmock.action.DELETE, self._serve_delete),
             ]
         }
 
@@ -205,7 +287,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _content(obj: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
 
-    def _create(self, request: rendering.Request) -> list[tuple[kmock.resource, dict]]:
+    def _create(self, request: kmock.Request) -> list[tuple[kmock.resource, dict]]:
         body = copy.deepcopy(request.data) if isinstance(request.data, dict) else {}
         meta = body.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):  # the API server retries collisions itself
@@ -231,7 +313,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._store(key, body)
         return [(request.resource, {"type": "ADDED", "object": body})]
 
-    def _patched(self, old: dict[str, Any], request: rendering.Request) -> dict[str, Any]:
+    def _patched(self, old: dict[str, Any], request: kmock.Request) -> dict[str, Any]:
         content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip()
         data = request.data
         if content_type == "application/json-patch+json" or isinstance(data, list):
@@ -248,23 +330,20 @@ class KubeEmulator(kmock.KubernetesEmulator):
         wanted_rv = (data.get("metadata") or {}).get("resourceVersion")
         if wanted_rv is not None and wanted_rv != old["metadata"].get("resourceVersion"):
             raise _error(409, "Conflict", "the object has been modified; please apply your changes to the latest version")
-        try:
-            return dict(dicts.merge_patch_dict(old, data))
-        except ValueError as exc:
-            raise _error(422, "Invalid", str(exc)) from None
+        return merge_patch(old, data)  # application/strategic-merge-patch+json too: lists replaced
 
-    def _update(self, request: rendering.Request) -> list[tuple[kmock.resource, dict]]:
+    def _update(self, request: kmock.Request) -> list[tuple[kmock.resource, dict]]:
         key = (request.resource, request.namespace, request.name)
         old = self._live(key)
         if old is None:
             raise _error(404, "NotFound", f'{request.resource.plural} "{request.name}" not found')
+        if request.subresource and (request.subresource != "status" or not self._has_status(request.resource)):
+            raise _error(404, "NotFound", f'{request.resource.plural} "{request.name}": no subresource {request.subresource}')
         new = self._patched(copy.deepcopy(old), request)
         if request.subresource == "status":  # only status moves through /status
             new = {**copy.deepcopy(old), "status": new.get("status")}
             if new["status"] is None:
                 del new["status"]
-        elif request.subresource:
-            raise _error(404, "NotFound", f"subresource {request.subresource} is not emulated")
         elif self._has_status(request.resource):  # a plain patch cannot change status
             new.pop("status", None)
             if "status" in old:
@@ -305,7 +384,28 @@ class KubeEmulator(kmock.KubernetesEmulator):
             obj["metadata"].update(deletionTimestamp=now_rfc3339(), resourceVersion=self._next_rv())
             self._store(key, obj)
             return [(key[0], {"type": "MODIFIED", "object": obj})]
-        return self._remove(key, obj, cascade=not orphan)
+        if orphan:
+            return self._remove(key, obj, cascade=False) + self._orphan(meta.get("uid"))
+        return self._remove(key, obj)
+
+    def _orphan(self, uid: str | None) -> list[tuple[kmock.resource, dict]]:
+        """propagationPolicy=Orphan: the dependents lose their ownerReference to `uid` (one write
+        each, as the garbage collector does), so no later collection takes them."""
+        events: list[tuple[kmock.resource, dict]] = []
+        for key, obj in self._all_live_items():
+            refs = obj["metadata"].get("ownerReferences") or []
+            if not any(ref.get("uid") == uid for ref in refs):
+                continue
+            obj = copy.deepcopy(obj)
+            kept = [ref for ref in refs if ref.get("uid") != uid]
+            if kept:
+                obj["metadata"]["ownerReferences"] = kept
+            else:
+                del obj["metadata"]["ownerReferences"]
+            obj["metadata"]["resourceVersion"] = self._next_rv()
+            self._store(key, obj)
+            events.append((key[0], {"type": "MODIFIED", "object": obj}))
+        return events
 
     def _collect_garbage(self) -> list[tuple[kmock.resource, dict]]:
         """Background propagation: dependents whose every owner is gone are deleted, recursively."""
@@ -331,17 +431,76 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     # ---------------------------------------------------------------- the request path
 
-    async def _handle(self, request: rendering.Request):  # type: ignore[override]
-        writes = (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE)
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """kmock's entry point for every HTTP request, where it parses the path into the
+        request's resource, namespace, name and subresource. Namespace paths, which kmock 0.8
+        misreads (see `namespace_path`), are parsed here and then served as kmock serves every
+        other request: the error handling below is RawHandler.__call__'s. This override, rather
+        than replacing kmock's module-level parser for the whole process, keeps the fix to this
+        emulator: any other kmock handler in the process parses as kmock does."""
+        where = namespace_path(raw_request.path)
+        if where is None:
+            return await super().__call__(raw_request)
+        raw_response: aiohttp.web.StreamResponse | None = None
+        try:
+            if self.limit is not None and len(self._requests) >= self.limit:
+                raise kmock.KMockError("Too many requests have been served so far.")
+            request = await self._namespace_request(raw_request, *where)
+            self._requests.append(request)
+            try:
+                return await self._handle(request)
+            except StreamingError as exc:  # the stream has started: its response carries the error
+                raw_response = exc.args[0]
+                raise exc.__cause__ or exc
+        except Exception as exc:
+            if not self._errors:  # outside `async with`: kmock lets the server see it
+                raise
+            self._errors[-1].append(exc)
+            if raw_response is None or not raw_response.prepared:
+                return await self._render_error(exc)
+            await self._stream_error(exc, raw_response)
+            await raw_response.write_eof()
+            return raw_response
+
+    async def _namespace_request(self, raw_request: aiohttp.web.BaseRequest, name: str | None,
+                                 subresource: str | None) -> kmock.Request:
+        """A request on Namespace objects, recorded with the fields kmock's parser would give it."""
+        body = await raw_request.read()
+        text = await raw_request.text()
+        try:
+            data = await raw_request.json()
+        except ValueError:
+            data = None
+        params = dict(raw_request.query)
+        return kmock.Request(
+            id=len(self._requests), raw_request=raw_request, url=raw_request.url, method=raw_request.method,
+            params=params, headers=dict(raw_request.headers), cookies=dict(raw_request.cookies),
+            data=data, body=body, text=text, action=_action(raw_request.method, name, params),
+            resource=NAMESPACES, namespace=None, name=name, subresource=subresource,
+        )
+
+    async def _serve_version(self, request: kmock.Request) -> kmock.Payload:
+        """kmock 0.8 names the core group's version "/v1" in /api/v1; a real server (and kubectl,
+        which maps no core kind otherwise) says "v1"."""
+        payload = await super()._serve_version(request)
+        if isinstance(payload, dict) and request.resource is not None and request.resource.group == "":
+            payload = {**payload, "groupVersion": request.resource.version}
+        return payload
+
+    async def _handle(self, request: kmock.Request):  # type: ignore[override]
+        writes = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
+        if request.resource is not None and request.resource.plural and request.action is None:
+            # PUT, DELETE of a collection, POST to a name: kmock finds no verb, we emulate none.
+            raise _error(405, "MethodNotAllowed", f"{request.method.value} {request.url.path} is not emulated")
         if request.resource is not None and request.action in writes:
             for hook in list(self.hooks):
                 await hook(request)
             async with self._lock:
-                if request.action == enums.action.CREATE:
+                if request.action == kmock.action.CREATE:
                     events = self._create(request)
-                elif request.action == enums.action.UPDATE and request.name:
+                elif request.action == kmock.action.UPDATE and request.name:
                     events = self._update(request)
-                elif request.action == enums.action.DELETE and request.name:
+                elif request.action == kmock.action.DELETE and request.name:
                     options = request.data if isinstance(request.data, dict) else {}
                     orphan = options.get("propagationPolicy") == "Orphan" or request.params.get("propagationPolicy") == "Orphan"
                     events = self._delete((request.resource, request.namespace, request.name), orphan=orphan)
@@ -352,32 +511,32 @@ class KubeEmulator(kmock.KubernetesEmulator):
         # Serve the response (the stored object) through kmock's reactions.
         resource = request.resource
         direct = self._direct.get(request.action) if resource is not None and resource.plural else None
-        if direct is not None and (request.action != enums.action.DELETE or request.name):
+        if direct is not None and (request.action != kmock.action.DELETE or request.name):
             return await direct(request)
-        return await apps.RawHandler._handle(self, request)  # discovery and anything unusual
+        return await kmock.RawHandler._handle(self, request)  # discovery and anything unusual
 
     def _last(self, key: tuple) -> dict[str, Any]:
         if key not in self._objects:
             raise _error(404, "NotFound", f'{key[0].plural} "{key[2]}" not found')
         return self._objects[key].last.raw
 
-    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
+    async def _serve_fetch(self, request: kmock.Request) -> kmock.Payload:
         obj = self._live((request.resource, request.namespace, request.name))
         if obj is None:
             raise _error(404, "NotFound", f'{request.resource.plural} "{request.name}" not found')
         return obj
 
-    async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
+    async def _serve_create(self, request: kmock.Request) -> kmock.Payload:
         meta = request.data.get("metadata") or {}
         return self._last((request.resource, request.namespace or meta.get("namespace"), meta.get("name")))
 
-    async def _serve_update(self, request: rendering.Request) -> rendering.Payload:
+    async def _serve_update(self, request: kmock.Request) -> kmock.Payload:
         return self._last((request.resource, request.namespace, request.name))
 
-    async def _serve_delete(self, request: rendering.Request) -> rendering.Payload:
+    async def _serve_delete(self, request: kmock.Request) -> kmock.Payload:
         return self._last((request.resource, request.namespace, request.name))
 
-    def _selected(self, request: rendering.Request, key: tuple, obj: Mapping[str, Any]) -> bool:
+    def _selected(self, request: kmock.Request, key: tuple, obj: Mapping[str, Any]) -> bool:
         resource, namespace, name = key
         if resource != request.resource:
             return False
@@ -388,14 +547,18 @@ class KubeEmulator(kmock.KubernetesEmulator):
         labels = (obj.get("metadata") or {}).get("labels") or {}
         return matches_selector(labels, request.params.get("labelSelector"))
 
-    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+    def _check_declared(self, request: kmock.Request) -> None:
         if not any(res == request.resource for res in self._get_resources()):
-            raise kmock.KubernetesResourceNotFoundError()
+            raise _error(404, "NotFound", "the server could not find the requested resource")
+
+    async def _serve_list(self, request: kmock.Request) -> kmock.Payload:
+        self._check_declared(request)
         async with self._lock:
             items = [obj for key, obj in self._all_live_items() if self._selected(request, key, obj)]
             return {"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": str(self._rv)}, "items": items}
 
-    async def _serve_watch(self, request: rendering.Request):
+    async def _serve_watch(self, request: kmock.Request):
+        self._check_declared(request)  # before the first chunk: answered as a plain 404
         yield b""  # send the headers now: the client sees the stream open
         bus = self._buses[request.resource]
         async with self._lock:  # snapshot and bus position taken together: no event falls between
@@ -421,14 +584,14 @@ class Gate:
     Released, the write either lands (`release()`) or is lost with the dead process's
     connection (`release(lost=True)`: the server never applies it)."""
 
-    def __init__(self, predicate: Callable[[rendering.Request], bool]):
+    def __init__(self, predicate: Callable[[kmock.Request], bool]):
         self.predicate = predicate
         self.hit = threading.Event()
         self.released = threading.Event()
         self.lost = False
         self.used = False
 
-    async def __call__(self, request: rendering.Request) -> None:
+    async def __call__(self, request: kmock.Request) -> None:
         if self.used or not self.predicate(request):
             return
         self.used = True
@@ -516,22 +679,22 @@ class EmulatorThread:
         port = int(url.rsplit(":", 1)[1])
         cutoff = self.call(lambda: len(self.emulator._requests))
 
-        async def hook(request: rendering.Request) -> None:
+        async def hook(request: kmock.Request) -> None:
             if request.id >= cutoff and request.url.port == port:
                 raise _error(503, "ServiceUnavailable", "this client is dead")
 
         self.call(lambda: self.emulator.hooks.append(hook))
 
-    def gate(self, predicate: Callable[[rendering.Request], bool]) -> Gate:
+    def gate(self, predicate: Callable[[kmock.Request], bool]) -> Gate:
         gate = Gate(predicate)
         self.call(lambda: self.emulator.hooks.append(gate))
         return gate
 
-    def fail(self, predicate: Callable[[rendering.Request], bool], *, times: int, status: int = 503) -> list[int]:
+    def fail(self, predicate: Callable[[kmock.Request], bool], *, times: int, status: int = 503) -> list[int]:
         """The next `times` writes matching `predicate` fail with `status` (an API hiccup)."""
         left = [times]
 
-        async def hook(request: rendering.Request) -> None:
+        async def hook(request: kmock.Request) -> None:
             if left[0] > 0 and predicate(request):
                 left[0] -= 1
                 raise _error(status, "ServiceUnavailable", "injected by the test")
@@ -539,7 +702,7 @@ class EmulatorThread:
         self.call(lambda: self.emulator.hooks.append(hook))
         return left
 
-    def requests(self) -> list[rendering.Request]:
+    def requests(self) -> list[kmock.Request]:
         """Every request served so far (kmock records them), in order."""
         return self.call(lambda: list(self.emulator._requests))
 
@@ -556,8 +719,8 @@ class EmulatorThread:
         return self.call(read)
 
 
-def is_create(plural: str) -> Callable[[rendering.Request], bool]:
-    return lambda r: r.action == enums.action.CREATE and r.resource is not None and r.resource.plural == plural
+def is_create(plural: str) -> Callable[[kmock.Request], bool]:
+    return lambda r: r.action == kmock.action.CREATE and r.resource is not None and r.resource.plural == plural
 
 
 def names(objs: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -691,28 +854,3 @@ def pytorchjob_conditions(*types: str, message: str = "") -> dict[str, Any]:
          "lastTransitionTime": now_rfc3339(), "lastUpdateTime": now_rfc3339()}
         for t in types
     ]}
-
-
-# ------------------------------------------------------------------ pytest fixtures
-# Import them into a test module: `from kube_emulator import cluster, emulator, operator`.
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture
-def emulator() -> Iterable[EmulatorThread]:
-    with EmulatorThread() as emu:
-        yield emu
-
-
-@pytest.fixture
-def cluster(emulator: EmulatorThread) -> Cluster:
-    return Cluster(emulator)
-
-
-@pytest.fixture
-def operator(emulator: EmulatorThread) -> Iterable[OperatorThread]:
-    op = OperatorThread(emulator.url).start()
-    yield op
-    if not op.stop_flag.is_set():
-        op.stop()
