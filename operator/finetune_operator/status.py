@@ -2,6 +2,8 @@
 
 Pure functions only, so the whole mapping is a table test. The handlers feed them what they
 read and write what they return (through the `/status` subresource).
+The mapping is data: one row of `PHASES` per phase (when it holds, its conditions, the Event of
+entering it), and small named rules for what is not about one phase (see "the mapping").
 
 Conditions follow the Kubernetes API conventions (type, status, reason always set, message,
 lastTransitionTime changing only when status changes, observedGeneration) and kstatus:
@@ -19,8 +21,8 @@ PyTorchJob's message. Under `restartPolicy: ExitCode`, 1-127 are permanent and 1
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_trainer.contract import exit_code_is_retryable
@@ -295,7 +297,16 @@ def exit_from_message(message: str) -> ExitInfo | None:
     return ExitInfo(exit_code=int(match.group(1))) if match else None
 
 
-# ------------------------------------------------------------------ the mapping
+# ------------------------------------------------------------------ the mapping: status as data
+#
+# A phase is one row of PHASES: when it holds, what it shows per condition, and the Event of
+# entering it. The rows are in the order the phase is decided (the first whose `when` holds).
+# What is not about one phase (the spec's verdict, a generation not observed yet, suspending
+# and resuming, the failure reason from the exit code, the checkpoint) is a small named rule
+# below the table; RULES and FINISHERS say where each applies around the row. A new phase (say
+# Kueue's "Queued") is a new row: `with_phase`, then pass the table as `phases=`.
+
+NORMAL, WARNING = "Normal", "Warning"
 
 
 def find(conditions: Iterable[Mapping[str, Any]] | None, condition_type: str) -> Mapping[str, Any] | None:
@@ -306,28 +317,228 @@ def _cond(ctype: str, status: str, reason: str, message: str) -> dict[str, str]:
     return {"type": ctype, "status": status, "reason": reason, "message": message}
 
 
-def _run_phase(job: JobState, suspend: bool) -> str:
-    if job.succeeded:
-        return PHASE_SUCCEEDED
-    if job.failed:
-        return PHASE_FAILED
-    if suspend or (job.suspended and not job.running):
-        return PHASE_SUSPENDED
-    if job.restarting:
-        return PHASE_RESTARTING
-    if job.running:
-        return PHASE_RUNNING
-    return PHASE_STARTING
+@dataclass(frozen=True)
+class Ref:
+    """A reason or message a row takes from a condition derived before it (CONDITION_TYPES order)."""
+
+    condition: str
+    field: str  # "reason" or "message"
 
 
-def _failure(job: JobState, exit_info: ExitInfo | None) -> tuple[str, str]:
-    """(reason, message) of Failed=True: the exit code decides permanent vs retries exhausted."""
-    info = exit_info or exit_from_message(job.message("Failed"))
-    job_message = job.message("Failed") or "the PyTorchJob failed"
+@dataclass(frozen=True)
+class Cond:
+    """A condition as a row states it. `job_message`: the PyTorchJob condition whose message,
+    when it has one, replaces `message`; `names_exit`: append the trainer's last exit, if known."""
+
+    status: str
+    reason: str | Ref
+    message: str | Ref = ""
+    job_message: str = ""
+    names_exit: bool = False
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """The domain-condition transition that announces entering a phase (None: any)."""
+
+    condition: str
+    status: str | None = None
+    reason: str | None = None
+
+    def matches(self, event: Transition) -> bool:
+        return (event.type == self.condition and self.status in (None, event.status)
+                and self.reason in (None, event.reason))
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a status is derived from: the inputs of `conditions_for`, read."""
+
+    acceptance: Acceptance
+    suspend: bool  # what happens: the child's runPolicy.suspend once it exists, else spec.suspend
+    job: JobState
+    spec_suspend: bool = False  # spec.suspend as written (not `suspend` when Kueue suspends the child)
+    generation: int = 0
+    exit_info: ExitInfo | None = None
+    progress: Mapping[str, Any] | None = None
+
+
+IN_PROGRESS = Cond(UNKNOWN, REASON_IN_PROGRESS, "the run has not ended")
+NO_FAILURE = Cond(FALSE, REASON_NO_FAILURE, "")
+AS_EXPECTED = Cond(FALSE, REASON_AS_EXPECTED, "")
+NOT_STARTED = Cond(FALSE, REASON_NOT_STARTED, "no PyTorchJob yet")
+TRAINING = Cond(TRUE, REASON_TRAINING, "the trainer pods run", job_message="Running")
+
+
+@dataclass(frozen=True)
+class PhaseRow:
+    """One phase. A condition left None is one a rule always decides in this phase: a phase
+    without a child has no Running of its own, one without an accepted spec no Ready or
+    Reconciling (nor, when rejected, Stalled) of its own. Accepted and Suspended are rules' only."""
+
+    phase: str
+    when: Callable[[Facts], bool]
+    running: Cond | None
+    ready: Cond | None
+    reconciling: Cond | None
+    succeeded: Cond | None = IN_PROGRESS
+    failed: Cond | None = NO_FAILURE
+    stalled: Cond | None = AS_EXPECTED
+    terminal: bool = False  # the run is over: nothing is suspending or resuming any more
+    event: str = NORMAL  # the Event type of entering the phase
+    announced_by: Announcement | None = None  # the transition that is that Event
+
+    def spec(self, ctype: str) -> Cond | None:
+        return getattr(self, ctype.lower(), None) if ctype not in (ACCEPTED, SUSPENDED) else None
+
+
+_WAITING = "waiting for the trainer pods"
+_ENDED = "the run has ended"
+
+PHASES: tuple[PhaseRow, ...] = (
+    PhaseRow(PHASE_PENDING, lambda f: not f.job.exists and f.acceptance.status == UNKNOWN,
+             running=None, ready=None, reconciling=None),
+    PhaseRow(PHASE_INVALID, lambda f: not f.job.exists and f.acceptance.status == FALSE,
+             running=None, ready=None, reconciling=None, stalled=None,
+             succeeded=Cond(FALSE, Ref(ACCEPTED, "reason"), "the job cannot run until its spec is fixed"),
+             event=WARNING, announced_by=Announcement(ACCEPTED, FALSE)),
+    PhaseRow(PHASE_SUCCEEDED, lambda f: f.job.succeeded,
+             running=Cond(FALSE, REASON_COMPLETED, "training finished"),
+             ready=Cond(TRUE, REASON_SUCCEEDED, "training finished"),
+             reconciling=Cond(FALSE, PHASE_SUCCEEDED, _ENDED),
+             succeeded=Cond(TRUE, REASON_COMPLETED, "done", job_message="Succeeded"),
+             terminal=True, announced_by=Announcement(SUCCEEDED, TRUE)),
+    PhaseRow(PHASE_FAILED, lambda f: f.job.failed,
+             running=Cond(FALSE, REASON_FAILED, "training failed"),
+             ready=Cond(FALSE, REASON_FAILED, Ref(FAILED, "message")),
+             reconciling=Cond(FALSE, PHASE_FAILED, _ENDED),
+             succeeded=Cond(FALSE, REASON_FAILED, "the run failed"),
+             failed=Cond(TRUE, REASON_JOB_FAILED, "the PyTorchJob failed", job_message="Failed"),
+             stalled=Cond(TRUE, Ref(FAILED, "reason"), Ref(FAILED, "message")),
+             terminal=True, event=WARNING, announced_by=Announcement(FAILED, TRUE)),
+    PhaseRow(PHASE_SUSPENDED, lambda f: f.suspend or (f.job.suspended and not f.job.running),
+             running=Cond(FALSE, REASON_SUSPENDED, "suspended"),
+             ready=Cond(FALSE, REASON_SUSPENDED, "suspended"),
+             reconciling=Cond(FALSE, REASON_SUSPENDED, "suspended"),
+             announced_by=Announcement(SUSPENDED, TRUE)),
+    PhaseRow(PHASE_RESTARTING, lambda f: f.job.restarting,
+             running=Cond(FALSE, REASON_RESTARTING, "restarting", job_message="Restarting", names_exit=True),
+             ready=Cond(FALSE, REASON_RESTARTING, "the trainer is restarting"),
+             reconciling=Cond(TRUE, REASON_RESTARTING, "the trainer is restarting"),
+             event=WARNING, announced_by=Announcement(RUNNING, reason=REASON_RESTARTING)),
+    PhaseRow(PHASE_RUNNING, lambda f: f.job.running,
+             running=TRAINING,
+             ready=Cond(TRUE, REASON_RUNNING, "accepted and training"),
+             reconciling=Cond(FALSE, REASON_RUNNING, "training"),
+             announced_by=Announcement(RUNNING, TRUE)),
+    PhaseRow(PHASE_STARTING, lambda f: True,
+             running=Cond(FALSE, REASON_STARTING, _WAITING, job_message="Created"),
+             ready=Cond(FALSE, REASON_STARTING, _WAITING),
+             reconciling=Cond(TRUE, REASON_STARTING, _WAITING),
+             announced_by=Announcement(RUNNING, reason=REASON_STARTING)),
+)
+
+
+def with_phase(row: PhaseRow, *, before: str, phases: Sequence[PhaseRow] = PHASES) -> tuple[PhaseRow, ...]:
+    """A table with one more phase, decided just before `before`."""
+    at = [r.phase for r in phases].index(before)
+    return (*phases[:at], row, *phases[at:])
+
+
+def decide_phase(facts: Facts, phases: Sequence[PhaseRow] = PHASES) -> PhaseRow:
+    """The one place the phase is decided: the first row whose `when` holds."""
+    return next(row for row in phases if row.when(facts))
+
+
+def phase_for(acceptance: Acceptance, suspend: bool, job: JobState, phases: Sequence[PhaseRow] = PHASES) -> str:
+    return decide_phase(Facts(acceptance, suspend, job, spec_suspend=suspend), phases).phase
+
+
+# ------------------------------------------------------------------ rules around the table
+
+Rule = Callable[[Facts, PhaseRow], "Cond | None"]
+
+
+def _verdict(f: Facts, row: PhaseRow) -> Cond:
+    """Accepted is the spec's verdict, in every phase."""
+    return Cond(f.acceptance.status, f.acceptance.reason, f.acceptance.message)
+
+
+def _suspension(f: Facts, row: PhaseRow) -> Cond:
+    """Suspended says what happens to the child (or spec.suspend before there is one)."""
+    if f.suspend:
+        return Cond(TRUE, REASON_SUSPENDED, "the PyTorchJob is suspended (spec.suspend, or queued in Kueue): no pods run")
+    return Cond(FALSE, REASON_NOT_SUSPENDED, "not suspended")
+
+
+def _no_child(f: Facts, row: PhaseRow) -> Cond | None:
+    return NOT_STARTED if not f.job.exists else None
+
+
+def _live_pods(f: Facts, row: PhaseRow) -> Cond | None:
+    """The child reports Running: so is Running, whatever the phase (suspending, finishing)."""
+    return TRAINING if f.job.running else None
+
+
+def _not_accepted(f: Facts, row: PhaseRow) -> Cond | None:
+    """Not Ready while the spec is not accepted (pending, invalid, or a rejected change)."""
+    return Cond(FALSE, f.acceptance.reason, f.acceptance.message) if f.acceptance.status != TRUE else None
+
+
+def _validating(f: Facts, row: PhaseRow) -> Cond | None:
+    return Cond(TRUE, REASON_PENDING, "validating the spec") if f.acceptance.status == UNKNOWN else None
+
+
+def _new_generation(f: Facts, row: PhaseRow) -> Cond | None:
+    if f.acceptance.generation >= f.generation:
+        return None
+    return Cond(TRUE, REASON_NEW_GENERATION,
+                f"generation {f.generation} is not reconciled yet (observed {f.acceptance.generation})")
+
+
+def _awaiting_spec_fix(f: Facts, row: PhaseRow) -> Cond | None:
+    return Cond(FALSE, f.acceptance.reason, "waiting for a spec change") if f.acceptance.status == FALSE else None
+
+
+def _run_ended(f: Facts, row: PhaseRow) -> Cond | None:
+    """A terminal phase's Reconciling wins over suspending and resuming."""
+    return row.reconciling if row.terminal else None
+
+
+def _suspending(f: Facts, row: PhaseRow) -> Cond | None:
+    return Cond(TRUE, REASON_SUSPENDING, "waiting for the trainer pods to stop") if f.suspend and f.job.running else None
+
+
+def _resuming(f: Facts, row: PhaseRow) -> Cond | None:
+    if not f.suspend and f.job.suspended:
+        return Cond(TRUE, REASON_RESUMING, "waiting for the PyTorchJob to resume")
+    return None
+
+
+def _spec_rejected(f: Facts, row: PhaseRow) -> Cond | None:
+    return Cond(TRUE, f.acceptance.reason, f.acceptance.message) if f.acceptance.status == FALSE else None
+
+
+# Per condition, the rules tried before the phase's row, in precedence order (first non-None wins).
+RULES: Mapping[str, tuple[Rule, ...]] = {
+    ACCEPTED: (_verdict,),
+    SUSPENDED: (_suspension,),
+    RUNNING: (_no_child, _live_pods),
+    READY: (_not_accepted,),
+    RECONCILING: (_validating, _new_generation, _awaiting_spec_fix, _run_ended, _suspending, _resuming),
+    STALLED: (_spec_rejected,),
+}
+
+
+def _failure_from_exit(cond: dict[str, str], f: Facts) -> dict[str, str]:
+    """Failed=True: the exit code decides permanent vs retries exhausted, and is named."""
+    if cond["type"] != FAILED or cond["status"] != TRUE:
+        return cond
+    info = f.exit_info or exit_from_message(f.job.message("Failed"))
     if info is None:
-        return REASON_JOB_FAILED, f"{job_message} (no exit code reported)"
+        return {**cond, "message": f"{cond['message']} (no exit code reported)"}
     reason = REASON_RETRIES_EXHAUSTED if info.retryable else REASON_PERMANENT_ERROR
-    return reason, f"trainer {info.describe()}; {job_message}"
+    return {**cond, "reason": reason, "message": f"trainer {info.describe()}; {cond['message']}"}
 
 
 def _with_checkpoint(message: str, progress: Mapping[str, Any] | None) -> str:
@@ -335,104 +546,40 @@ def _with_checkpoint(message: str, progress: Mapping[str, Any] | None) -> str:
     return f"{message}; newest complete checkpoint: {checkpoint}" if checkpoint else message
 
 
-def _domain(
-    acceptance: Acceptance,
-    suspend: bool,
-    job: JobState,
-    phase: str,
-    exit_info: ExitInfo | None,
-    progress: Mapping[str, Any] | None,
-) -> list[dict[str, str]]:
-    accepted = _cond(ACCEPTED, acceptance.status, acceptance.reason, acceptance.message)
-    suspended = (
-        _cond(SUSPENDED, TRUE, REASON_SUSPENDED, "the PyTorchJob is suspended (spec.suspend, or queued in Kueue): no pods run")
-        if suspend
-        else _cond(SUSPENDED, FALSE, REASON_NOT_SUSPENDED, "not suspended")
-    )
-
-    if not job.exists:
-        running = _cond(RUNNING, FALSE, REASON_NOT_STARTED, "no PyTorchJob yet")
-    elif job.running:
-        running = _cond(RUNNING, TRUE, REASON_TRAINING, job.message("Running") or "the trainer pods run")
-    elif phase == PHASE_RESTARTING:
-        detail = f"; last {exit_info.describe()}" if exit_info else ""
-        running = _cond(RUNNING, FALSE, REASON_RESTARTING, (job.message("Restarting") or "restarting") + detail)
-    elif phase == PHASE_SUSPENDED:
-        running = _cond(RUNNING, FALSE, REASON_SUSPENDED, "suspended")
-    elif phase == PHASE_SUCCEEDED:
-        running = _cond(RUNNING, FALSE, REASON_COMPLETED, "training finished")
-    elif phase == PHASE_FAILED:
-        running = _cond(RUNNING, FALSE, REASON_FAILED, "training failed")
-    else:
-        running = _cond(RUNNING, FALSE, REASON_STARTING, job.message("Created") or "waiting for the trainer pods")
-
-    if phase == PHASE_SUCCEEDED:
-        succeeded = _cond(SUCCEEDED, TRUE, REASON_COMPLETED, _with_checkpoint(job.message("Succeeded") or "done", progress))
-        failed = _cond(FAILED, FALSE, REASON_NO_FAILURE, "")
-    elif phase == PHASE_FAILED:
-        reason, message = _failure(job, exit_info)
-        succeeded = _cond(SUCCEEDED, FALSE, REASON_FAILED, "the run failed")
-        failed = _cond(FAILED, TRUE, reason, _with_checkpoint(message, progress))
-    else:
-        if acceptance.status == FALSE and not job.exists:
-            succeeded = _cond(SUCCEEDED, FALSE, acceptance.reason, "the job cannot run until its spec is fixed")
-        else:
-            succeeded = _cond(SUCCEEDED, UNKNOWN, REASON_IN_PROGRESS, "the run has not ended")
-        failed = _cond(FAILED, FALSE, REASON_NO_FAILURE, "")
-    return [accepted, suspended, running, succeeded, failed]
+def _names_checkpoint(cond: dict[str, str], f: Facts) -> dict[str, str]:
+    """A run that ended (Succeeded=True or Failed=True) names its newest complete checkpoint."""
+    if cond["type"] in (SUCCEEDED, FAILED) and cond["status"] == TRUE:
+        return {**cond, "message": _with_checkpoint(cond["message"], f.progress)}
+    return cond
 
 
-def _kstatus(
-    generation: int, acceptance: Acceptance, suspend: bool, job: JobState, phase: str, failed: Mapping[str, str]
-) -> list[dict[str, str]]:
-    lagging = acceptance.generation < generation
+# Applied, in order, to every condition once decided (before later conditions read it via Ref).
+FINISHERS = (_failure_from_exit, _names_checkpoint)
 
-    if acceptance.status != TRUE:
-        ready = _cond(READY, FALSE, acceptance.reason, acceptance.message)
-    elif phase == PHASE_SUCCEEDED:
-        ready = _cond(READY, TRUE, REASON_SUCCEEDED, "training finished")
-    elif phase == PHASE_FAILED:
-        ready = _cond(READY, FALSE, REASON_FAILED, failed["message"])
-    elif phase == PHASE_SUSPENDED:
-        ready = _cond(READY, FALSE, REASON_SUSPENDED, "suspended")
-    elif phase == PHASE_RUNNING:
-        ready = _cond(READY, TRUE, REASON_RUNNING, "accepted and training")
-    elif phase == PHASE_RESTARTING:
-        ready = _cond(READY, FALSE, REASON_RESTARTING, "the trainer is restarting")
-    else:
-        ready = _cond(READY, FALSE, REASON_STARTING, "waiting for the trainer pods")
 
-    if acceptance.status == UNKNOWN:
-        reconciling = _cond(RECONCILING, TRUE, REASON_PENDING, "validating the spec")
-    elif lagging:
-        reconciling = _cond(
-            RECONCILING, TRUE, REASON_NEW_GENERATION,
-            f"generation {generation} is not reconciled yet (observed {acceptance.generation})",
-        )
-    elif acceptance.status == FALSE:
-        reconciling = _cond(RECONCILING, FALSE, acceptance.reason, "waiting for a spec change")
-    elif phase in (PHASE_SUCCEEDED, PHASE_FAILED):
-        reconciling = _cond(RECONCILING, FALSE, phase, "the run has ended")
-    elif suspend and job.running:
-        reconciling = _cond(RECONCILING, TRUE, REASON_SUSPENDING, "waiting for the trainer pods to stop")
-    elif not suspend and job.suspended:
-        reconciling = _cond(RECONCILING, TRUE, REASON_RESUMING, "waiting for the PyTorchJob to resume")
-    elif phase == PHASE_SUSPENDED:
-        reconciling = _cond(RECONCILING, FALSE, REASON_SUSPENDED, "suspended")
-    elif phase == PHASE_RESTARTING:
-        reconciling = _cond(RECONCILING, TRUE, REASON_RESTARTING, "the trainer is restarting")
-    elif phase == PHASE_RUNNING:
-        reconciling = _cond(RECONCILING, FALSE, REASON_RUNNING, "training")
-    else:
-        reconciling = _cond(RECONCILING, TRUE, REASON_STARTING, "waiting for the trainer pods")
+def _resolve(ctype: str, spec: Cond, f: Facts, built: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    def value(v: str | Ref) -> str:
+        return built[v.condition][v.field] if isinstance(v, Ref) else v
 
-    if acceptance.status == FALSE:
-        stalled = _cond(STALLED, TRUE, acceptance.reason, acceptance.message)
-    elif phase == PHASE_FAILED:
-        stalled = _cond(STALLED, TRUE, failed["reason"], failed["message"])
-    else:
-        stalled = _cond(STALLED, FALSE, REASON_AS_EXPECTED, "")
-    return [ready, reconciling, stalled]
+    message = (f.job.message(spec.job_message) if spec.job_message else "") or value(spec.message)
+    if spec.names_exit and f.exit_info is not None:
+        message += f"; last {f.exit_info.describe()}"
+    return _cond(ctype, spec.status, value(spec.reason), message)
+
+
+def derive(facts: Facts, row: PhaseRow) -> list[dict[str, str]]:
+    """Every condition (CONDITION_TYPES order): the first rule that decides it, else the row."""
+    built: dict[str, dict[str, str]] = {}
+    for ctype in CONDITION_TYPES:
+        spec = next((c for c in (rule(facts, row) for rule in RULES.get(ctype, ())) if c is not None), None)
+        spec = spec or row.spec(ctype)
+        if spec is None:
+            raise ValueError(f"phase {row.phase} states no {ctype} condition and no rule decides it")
+        cond = _resolve(ctype, spec, facts, built)
+        for finish in FINISHERS:
+            cond = finish(cond, facts)
+        built[ctype] = cond
+    return list(built.values())
 
 
 def merge_transition_times(
@@ -447,16 +594,6 @@ def merge_transition_times(
     return out
 
 
-def phase_for(acceptance: Acceptance, suspend: bool, job: JobState) -> str:
-    if not job.exists:
-        if acceptance.status == UNKNOWN:
-            return PHASE_PENDING
-        if acceptance.status == FALSE:
-            return PHASE_INVALID
-        return PHASE_SUSPENDED if suspend else PHASE_STARTING
-    return _run_phase(job, suspend)
-
-
 def conditions_for(
     *,
     generation: int,
@@ -466,6 +603,7 @@ def conditions_for(
     progress: Mapping[str, Any] | None = None,
     previous: Iterable[Mapping[str, Any]] | None = None,
     now: str,
+    phases: Sequence[PhaseRow] = PHASES,
 ) -> dict[str, Any]:
     """The status fields we own: `conditions`, `phase`, `observedGeneration`.
 
@@ -473,17 +611,22 @@ def conditions_for(
     triggers the update); `pytorchjob` is the child's summary (`summarize_pytorchjob`, None
     when absent; its `lastExit` comes from the pods); `suspend` is spec.suspend, used until
     the child exists (then the child's runPolicy.suspend says what really happens);
-    `previous` are the conditions in status now (for transition times)."""
+    `previous` are the conditions in status now (for transition times); `phases` the table."""
     job = job_state(pytorchjob)
-    exit_info = exit_from_summary(pytorchjob)
-    suspend = job.suspend_requested if job.exists else suspend
-    phase = phase_for(acceptance, suspend, job)
-    domain = _domain(acceptance, suspend, job, phase, exit_info, progress)
-    kstatus = _kstatus(generation, acceptance, suspend, job, phase, domain[-1])
-    conditions = merge_transition_times(domain + kstatus, previous, now)
+    facts = Facts(
+        acceptance=acceptance,
+        suspend=job.suspend_requested if job.exists else suspend,
+        job=job,
+        spec_suspend=suspend,
+        generation=generation,
+        exit_info=exit_from_summary(pytorchjob),
+        progress=progress,
+    )
+    row = decide_phase(facts, phases)
+    conditions = merge_transition_times(derive(facts, row), previous, now)
     for cond in conditions:
         cond["observedGeneration"] = acceptance.generation
-    out: dict[str, Any] = {"observedGeneration": acceptance.generation, "phase": phase, "conditions": conditions}
+    out: dict[str, Any] = {"observedGeneration": acceptance.generation, "phase": row.phase, "conditions": conditions}
     if pytorchjob is not None:
         out["pytorchJob"] = dict(pytorchjob)
     return out
@@ -500,25 +643,30 @@ class Transition:
     status: str
     reason: str
     message: str
+    phases: Sequence[PhaseRow] = field(default=PHASES, compare=False, repr=False)
 
     @property
     def warning(self) -> bool:
-        return (
-            (self.type == ACCEPTED and self.status == FALSE)
-            or (self.type == FAILED and self.status == TRUE)
-            or (self.type == RUNNING and self.reason == REASON_RESTARTING)
+        """It announces entering a phase whose row says Warning (rejected spec, failure, restart)."""
+        return any(
+            row.event == WARNING and row.announced_by is not None and row.announced_by.matches(self)
+            for row in self.phases
         )
 
     @property
     def event_type(self) -> str:
-        return "Warning" if self.warning else "Normal"
+        return WARNING if self.warning else NORMAL
 
     def event_message(self) -> str:
         head = f"{self.type}={self.status}"
         return f"{head}: {self.message}" if self.message else head
 
 
-def transitions(previous: Iterable[Mapping[str, Any]] | None, current: Iterable[Mapping[str, Any]]) -> list[Transition]:
+def transitions(
+    previous: Iterable[Mapping[str, Any]] | None,
+    current: Iterable[Mapping[str, Any]],
+    phases: Sequence[PhaseRow] = PHASES,
+) -> list[Transition]:
     """Domain conditions that appeared or changed status or reason (the kstatus trio restates them)."""
     previous = list(previous or ())
     out = []
@@ -530,7 +678,7 @@ def transitions(previous: Iterable[Mapping[str, Any]] | None, current: Iterable[
             continue
         if old is None and (cond["status"] == UNKNOWN or (cond["status"] == FALSE and cond["type"] in (SUSPENDED, FAILED))):
             continue  # "not known yet", "not suspended", "not failed" on the first visit is not news
-        out.append(Transition(cond["type"], cond["status"], cond["reason"], str(cond.get("message") or "")))
+        out.append(Transition(cond["type"], cond["status"], cond["reason"], str(cond.get("message") or ""), phases))
     return out
 
 
