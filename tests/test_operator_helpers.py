@@ -163,13 +163,32 @@ def test_api_errors_are_classified():
 
 def test_operator_settings():
     settings = runner.operator_settings(peering=None, standalone=True, workers=3)
-    assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
-    assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
+    assert isinstance(settings.persistence.progress_storage, runner.MemoryProgressStorage)
+    assert isinstance(settings.persistence.diffbase_storage, runner.ObservedGenerationDiffBase)
     assert settings.posting.level == logging.WARNING and settings.posting.enabled
     assert settings.execution.max_workers == 3
     assert settings.peering.standalone is True
     ha = runner.operator_settings(peering="finetune", standalone=False)
     assert ha.peering.name == "finetune" and ha.peering.mandatory and not ha.peering.standalone
+
+
+def test_kopfs_bookkeeping_stays_out_of_the_object():
+    """The last handled state is observedGeneration (or what this process handled), and
+    handler progress lives in memory: a reconcile that succeeds writes nothing of kopf's."""
+    diffbase, progress = runner.ObservedGenerationDiffBase(), runner.MemoryProgressStorage(prefix="finetune.dev")
+    new = {"metadata": {"uid": "u1", "generation": 1}, "spec": {"a": 1}}
+    handled = {**new, "status": {"observedGeneration": 1}}
+    edited = {"metadata": {"uid": "u1", "generation": 2}, "spec": {"a": 2}, "status": {"observedGeneration": 1}}
+    assert diffbase.fetch(body=new) is None  # never handled: kopf reconciles it
+    assert diffbase.fetch(body=handled) == {"spec": {"a": 1}}  # handled as it is now
+    assert diffbase.fetch(body=edited) is None  # its spec changed since: reconciled again
+    patch: dict = {}
+    diffbase.store(body=new, patch=patch, essence={"spec": {"a": 1}})
+    assert patch == {} and diffbase.fetch(body=new) == {"spec": {"a": 1}}  # an older body of a handled generation
+    progress.store(key="reconcile", record={"retries": 1}, body=new, patch=patch)
+    assert patch == {} and progress.fetch(key="reconcile", body=new) == {"retries": 1}
+    progress.purge(key="reconcile", body=new, patch=patch)
+    assert progress.fetch(key="reconcile", body=new) is None and patch == {}
 
 
 def test_connection_info_from_a_client_configuration():

@@ -33,13 +33,66 @@ def load_configuration() -> Any:
     return configuration
 
 
+class ObservedGenerationDiffBase(kopf.DiffBaseStorage):
+    """kopf's "last handled state", kept out of the object: a FineTuneJob whose
+    status.observedGeneration (written by every reconcile, with its verdict) equals its
+    metadata.generation has been handled as it is now; one that does not (new, or its spec
+    changed since) has not, and kopf runs the reconcile for it. What this process handled is
+    also remembered (uid -> generation): a watch can still deliver an older body, from before
+    the status write, and that generation must not be reconciled twice. The default storage
+    wrote the whole spec into an annotation after every reconcile: one more write per job,
+    each validated against the whole CRD schema by a real API server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handled: dict[str, Any] = {}
+
+    def fetch(self, *, body: Any) -> Any:
+        meta = body.get("metadata") or {}
+        generation = meta.get("generation")
+        observed = (body.get("status") or {}).get("observedGeneration")
+        if generation is not None and generation in (observed, self._handled.get(str(meta.get("uid")))):
+            return self.build(body=body)
+        return None
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        meta = body.get("metadata") or {}  # the reconcile's status write is the durable record
+        self._handled[str(meta.get("uid"))] = meta.get("generation")
+
+
+class MemoryProgressStorage(kopf.AnnotationsProgressStorage):
+    """kopf's per-handler progress (retry counts, backoff deadlines) in this process's memory,
+    not in the object: a reconcile that succeeds at once writes nothing here. Only `touch`,
+    kopf's way to wake itself when a retry is due, still writes its annotation. Lost on a
+    restart, which costs a failing reconcile its backoff, nothing else (kopf's own docs call
+    the progress a cache of handler state)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix=prefix)
+        self._records: dict[tuple[str, str], Any] = {}
+
+    @staticmethod
+    def _uid(body: Any) -> str:
+        return str((body.get("metadata") or {}).get("uid") or "")
+
+    def fetch(self, *, key: Any, body: Any) -> Any:
+        return self._records.get((self._uid(body), str(key)))
+
+    def store(self, *, key: Any, record: Any, body: Any, patch: Any) -> None:
+        self._records[(self._uid(body), str(key))] = dict(record)
+
+    def purge(self, *, key: Any, body: Any, patch: Any) -> None:
+        self._records.pop((self._uid(body), str(key)), None)
+
+
 def operator_settings(*, peering: str | None, standalone: bool, workers: int = WORKERS) -> kopf.OperatorSettings:
     """kopf's knobs, each for a reason."""
     settings = kopf.OperatorSettings()
-    # Handler progress and the last-handled spec live in our annotations, never in status:
-    # status belongs to the conditions (and to the trainer's progress).
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    # kopf's bookkeeping stays out of the object: handler progress in memory, the last-handled
+    # spec not stored at all (observedGeneration says it; both classes above). A new job costs
+    # one status write, no annotation patch. Status belongs to the conditions and progress.
+    settings.persistence.progress_storage = MemoryProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = ObservedGenerationDiffBase()
     # Our Events (one per condition transition) are posted explicitly; kopf's own log lines
     # become Events only from warnings up, so `kubectl describe` is not a log dump.
     settings.posting.enabled = True
