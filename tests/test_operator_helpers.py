@@ -231,3 +231,23 @@ def test_fresh_child_events_need_no_status_write(pytorchjob, fresh):
 )
 def test_owner_needs_sync_filters_events_on_the_loop(event_type, pytorchjob, sync):
     assert handlers.owner_needs_sync(type=event_type, body=pytorchjob) is sync
+
+
+def _child(spec: dict) -> dict:
+    return {"metadata": {"annotations": {"finetune.dev/spec-hash": spec_hash(spec)}}}
+
+
+FINISHED = [{"type": "Succeeded", "status": "True"}]
+
+
+@pytest.mark.parametrize("status, child, expected", [
+    ({}, None, None),  # never ran: apply
+    ({"conditions": FINISHED}, None, ("Valid", False)),  # ended, child cleaned up: never train again
+    ({}, _child({"model": {"base_model": "a"}}), None),  # the running spec: apply (idempotent)
+    ({}, _child({"model": {"base_model": "a"}, "suspend": True}), None),  # only suspend differs: apply
+    ({}, _child({"model": {"base_model": "b"}}), ("SpecChangeRejected", True)),  # edited after start
+])
+def test_the_refusal_decision_is_pure(status, child, expected):
+    job = {"metadata": {"name": "j", "namespace": "n"}, "spec": {"model": {"base_model": "a"}}, "status": status}
+    decided = handlers.refusal(job, 2, child)
+    assert (None if decided is None else (decided.acceptance.reason, decided.summarize_child)) == expected

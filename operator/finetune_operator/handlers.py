@@ -145,19 +145,37 @@ def reconcile_job(kube: Kube, job: Mapping[str, Any], settings: Any) -> Outcome:
     return Outcome(st.Acceptance.valid(generation), summary, tuple(applied))
 
 
-def refuse_to_apply(kube: Kube, job: Mapping[str, Any], generation: int) -> Outcome | None:
-    """Why this spec must not be applied (2 and 3 above), read from the PyTorchJob; None: go on."""
-    meta = job["metadata"]
-    existing = kube.get(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, meta["namespace"], meta["name"])
+@dataclass(frozen=True)
+class Refusal:
+    """Why a valid spec is not applied: the verdict, and whether the child's state is wanted."""
+
+    acceptance: st.Acceptance
+    summarize_child: bool
+
+
+def refusal(job: Mapping[str, Any], generation: int, existing: Mapping[str, Any] | None) -> Refusal | None:
+    """The pure decision (2 and 3 above) on the job and the PyTorchJob read for it; None: apply."""
     if existing is None and st.finished((job.get("status") or {}).get("conditions")):
         # The run ended and its PyTorchJob was cleaned up: re-creating it would train again.
-        return Outcome(st.Acceptance.valid(generation), None)
+        return Refusal(st.Acceptance.valid(generation), summarize_child=False)
     if existing is not None:
         running_hash = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
         if not suspend_only_change(running_hash, job.get("spec") or {}):
-            summary = st.summarize_pytorchjob(existing, read_exit(kube, meta["namespace"], existing))
-            return Outcome(st.Acceptance.change_rejected(generation), summary)
+            return Refusal(st.Acceptance.change_rejected(generation), summarize_child=True)
     return None
+
+
+def refuse_to_apply(kube: Kube, job: Mapping[str, Any], generation: int) -> Outcome | None:
+    """Read the PyTorchJob once, decide (`refusal`), and say why not to apply; None: go on."""
+    meta = job["metadata"]
+    existing = kube.get(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, meta["namespace"], meta["name"])
+    decided = refusal(job, generation, existing)
+    if decided is None:
+        return None
+    summary = None
+    if decided.summarize_child and existing is not None:
+        summary = st.summarize_pytorchjob(existing, read_exit(kube, meta["namespace"], existing))
+    return Outcome(decided.acceptance, summary)
 
 
 def reconcile_fields(outcome: Outcome, spec_suspend: bool, when: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
