@@ -40,15 +40,22 @@ import kopf
 from finetune_trainer.config import ConfigError
 
 from . import status as st
-from finetune_trainer.contract import ANNOTATION_SPEC_HASH, LABEL_JOB_NAME
+from finetune_trainer.contract import (
+    ANNOTATION_SPEC_HASH,
+    LABEL_JOB_NAME,
+    PYTORCHJOB_API_VERSION,
+    PYTORCHJOB_GROUP,
+    PYTORCHJOB_KIND,
+    PYTORCHJOB_PLURAL,
+    PYTORCHJOB_VERSION,
+    TRAINING_JOB_LABEL,
+)
 from .kube import JSON_PATCH, RETRY_DELAY, ApiError, Kube, status_json_patch
 from .render import render, spec_hash
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 FINETUNEJOBS = (GROUP, VERSION, PLURAL)
-PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
-PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND = "kubeflow.org/v1", "PyTorchJob"
-TRAINING_JOB_LABEL = "training.kubeflow.org/job-name"  # the training operator's label on the job's pods
+PYTORCHJOBS = (PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL)
 MAX_STATUS_CONFLICTS = 5  # re-reads when another writer moved the resourceVersion first
 
 

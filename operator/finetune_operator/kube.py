@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_trainer.contract import PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, PYTORCHJOB_PLURAL
+
 from .spec import API_VERSION, KIND, PLURAL
 
 RETRY_DELAY = 10.0  # seconds before kopf runs a handler again after an API hiccup
@@ -26,7 +28,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Namespace"): "namespaces",
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
-    ("kubeflow.org/v1", "PyTorchJob"): "pytorchjobs",
+    (PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND): PYTORCHJOB_PLURAL,
     (API_VERSION, KIND): PLURAL,
 }
 CLUSTER_SCOPED = {("v1", "Namespace")}

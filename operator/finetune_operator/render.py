@@ -32,7 +32,6 @@ from finetune_trainer import contract as c
 from .manifest import validate_manifest
 from .spec import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec, StorageSpec
 
-PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
 GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -280,8 +279,8 @@ def pytorch_job(ctx: _Context) -> dict[str, Any]:
     if spec.nodes > 1:
         replicas["Worker"] = _replica(ctx, spec.nodes - 1)
     return {
-        "apiVersion": PYTORCHJOB_API_VERSION,
-        "kind": "PyTorchJob",
+        "apiVersion": c.PYTORCHJOB_API_VERSION,
+        "kind": c.PYTORCHJOB_KIND,
         "metadata": ctx.metadata(ctx.name, labels),
         "spec": {
             "nprocPerNode": str(ctx.nproc_per_node),

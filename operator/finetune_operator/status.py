@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_trainer.contract import exit_code_is_retryable
+from finetune_trainer.contract import CONTAINER_NAME as PYTORCH_CONTAINER
+from finetune_trainer.contract import REPLICA_TYPE_LABEL, exit_code_is_retryable
 
 # ------------------------------------------------------------------ condition types and values
 
@@ -79,9 +80,8 @@ PHASE_SUSPENDED = "Suspended"
 PHASE_SUCCEEDED = "Succeeded"
 PHASE_FAILED = "Failed"
 
-# The training operator's container name and replica label (kubeflow/training-operator v1).
-PYTORCH_CONTAINER = "pytorch"
-REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+# The training operator's container name and replica label (kubeflow/training-operator v1):
+# PYTORCH_CONTAINER and REPLICA_TYPE_LABEL, from the contract (imported above).
 
 _SIGNALS = {130: "SIGINT", 134: "SIGABRT", 137: "SIGKILL", 139: "SIGSEGV", 143: "SIGTERM"}
 

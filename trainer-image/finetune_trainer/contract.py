@@ -73,6 +73,15 @@ SECRETS_MOUNT_ROOT = "/var/run/secrets"  # where the kubelet mounts the ServiceA
 SERVICE_ACCOUNT_DIR = f"{SECRETS_MOUNT_ROOT}/kubernetes.io/serviceaccount"
 IN_CLUSTER_API_URL = "https://kubernetes.default.svc"
 
+# ------------------------------ the Kubeflow training operator v1 (the PyTorchJob backend)
+PYTORCHJOB_GROUP = "kubeflow.org"
+PYTORCHJOB_VERSION = "v1"
+PYTORCHJOB_API_VERSION = f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}"
+PYTORCHJOB_KIND = "PyTorchJob"
+PYTORCHJOB_PLURAL = "pytorchjobs"
+TRAINING_JOB_LABEL = "training.kubeflow.org/job-name"  # the training operator's label on the job's pods
+REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+
 # ----------------------------------- env the Kubeflow training operator injects (PyTorchJob)
 ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
