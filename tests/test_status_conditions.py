@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from finetune_operator import status as st
+from finetune_trainer.contract import exit_code_is_retryable
 from finetune_operator.status import FALSE, TRUE, UNKNOWN, Acceptance, ExitInfo
 
 NOW = "2026-01-01T00:00:00Z"
@@ -257,7 +258,7 @@ def test_rejection_is_a_warning():
 @pytest.mark.parametrize("code, retryable", [(1, False), (2, False), (127, False), (128, True), (137, True),
                                              (143, True), (255, True)])
 def test_exit_code_classes(code, retryable):
-    assert st.exit_code_retryable(code) is retryable
+    assert exit_code_is_retryable(code) is retryable
     assert ExitInfo(code).retryable is retryable
 
 

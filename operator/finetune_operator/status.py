@@ -147,7 +147,7 @@ class ExitInfo:
 
     @property
     def retryable(self) -> bool:
-        return exit_code_retryable(self.exit_code)
+        return exit_code_is_retryable(self.exit_code)
 
     def describe(self) -> str:
         kind = "retryable" if self.retryable else "permanent"
@@ -181,11 +181,6 @@ class JobState:
 
     def replica_summary(self) -> str:
         return ", ".join(f"{t}: {a} active, {s} succeeded, {f} failed" for t, a, s, f in self.replicas)
-
-
-def exit_code_retryable(code: int) -> bool:
-    """restartPolicy ExitCode: 1-127 permanent, 128-255 (signals, preemption) retried."""
-    return exit_code_is_retryable(code)
 
 
 def job_state(summary: Mapping[str, Any] | None) -> JobState:

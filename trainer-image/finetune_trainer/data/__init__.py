@@ -91,8 +91,7 @@ def encode_rows(
     for number, conversation in conversations:
         if tokenizer is None:
             kept += 1
-            turns += len(conversation)
-            calls += sum(len(t.get("tool_calls") or ()) for t in conversation)
+            turns, calls = turns + len(conversation), calls + _tool_calls(conversation)
             continue
         try:
             if cfg.dataset.format == "text":
@@ -108,13 +107,16 @@ def encode_rows(
             dropped += 1
             continue
         truncated += encoded.truncated
-        turns += len(conversation)
-        calls += sum(len(t.get("tool_calls") or ()) for t in conversation)
+        turns, calls = turns + len(conversation), calls + _tool_calls(conversation)
         samples.append(encoded.as_row())
     tokens = sum(len(s["input_ids"]) for s in samples)
     learned = sum(sum(1 for label in s["labels"] if label != IGNORE_INDEX) for s in samples)
     stats = DataStats(len(rows), len(samples) or kept, truncated, dropped, tokens, 0, turns, calls, learned)
     return samples, stats, sorted(problems)
+
+
+def _tool_calls(conversation: Conversation) -> int:
+    return sum(len(t.get("tool_calls") or ()) for t in conversation)
 
 
 def encode_split(
