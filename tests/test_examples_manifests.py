@@ -65,7 +65,7 @@ def test_finetune_validate_accepts_it(path, capsys):
 def test_operator_accepts_it_under_the_charts_default_policy(path):
     """What the operator (installed with the chart's defaults) does with the file: accept it
     (trust_remote_code is forbidden, so each example writes it out as false) and render children
-    that the Kubernetes schemas accept, the PyTorchJob's pod templates included."""
+    that the Kubernetes schemas accept, the workload's pod templates included."""
     from finetune_operator.render import RenderSettings, render
 
     chart_values = yaml.safe_load((REPO / "helm" / "finetune-operator" / "values.yaml").read_text())
@@ -73,16 +73,25 @@ def test_operator_accepts_it_under_the_charts_default_policy(path):
                               forbid_trust_remote_code=chart_values["policy"]["forbidTrustRemoteCode"])
     (job,) = documents(path)
     job["metadata"]["uid"] = "0b5e4c3a-0000-4000-8000-000000000001"
-    manifests = render(job, settings)
-    assert [m["kind"] for m in manifests] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PyTorchJob"]
-    errors = [e for m in manifests if m["kind"] != "PyTorchJob" for e in kube_schema_errors(m)]
-    (pytorchjob,) = [m for m in manifests if m["kind"] == "PyTorchJob"]
-    replicas = pytorchjob["spec"]["pytorchReplicaSpecs"]
-    assert sum(r["replicas"] for r in replicas.values()) == job["spec"].get("nodes", 1)
-    for role, spec in replicas.items():
-        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{role.lower()}"},
-                    "template": spec["template"]}
-        errors += kube_schema_errors(template)
+    manifests = render(job, settings)  # spec.backend, or auto read as PyTorchJob (no cluster to ask)
+    workload_kind = {"jobset": "JobSet", "trainjob": "TrainJob"}.get(job["spec"].get("backend"), "PyTorchJob")
+    assert [m["kind"] for m in manifests] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", workload_kind]
+    errors = [e for m in manifests[:4] for e in kube_schema_errors(m)]
+    workload = manifests[-1]
+    if workload_kind == "PyTorchJob":
+        replicas = workload["spec"]["pytorchReplicaSpecs"]
+        assert sum(r["replicas"] for r in replicas.values()) == job["spec"].get("nodes", 1)
+        templates = {role.lower(): spec["template"] for role, spec in replicas.items()}
+    elif workload_kind == "JobSet":
+        job_spec = workload["spec"]["replicatedJobs"][0]["template"]["spec"]
+        assert job_spec["completions"] == job["spec"].get("nodes", 1)
+        templates = {"node": job_spec["template"]}
+    else:  # a TrainJob's pods come from its runtime; test_render_backends.py checks the patches
+        assert workload["spec"]["trainer"]["numNodes"] == job["spec"].get("nodes", 1)
+        templates = {}
+    for role, template in templates.items():
+        errors += kube_schema_errors({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role},
+                                      "template": template})
     assert errors == []
 
 

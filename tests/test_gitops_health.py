@@ -45,7 +45,7 @@ def operator_status(acceptance, *, child: dict | None = None, suspend: bool = Fa
 
     exit_info = st.ExitInfo(exit_code, "Error", "loss is NaN", "job-master-0") if exit_code is not None else None
     summary = st.summarize_pytorchjob(child, exit_info) if child is not None else None
-    status = st.conditions_for(generation=generation, acceptance=acceptance, suspend=suspend, pytorchjob=summary,
+    status = st.conditions_for(generation=generation, acceptance=acceptance, suspend=suspend, workload=summary,
                                progress=progress, now="2026-01-01T00:00:00Z")
     return {**status, **({"progress": progress} if progress else {})}
 

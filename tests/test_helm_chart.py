@@ -16,6 +16,7 @@ VALUE_SETS: dict[str, dict] = {
         "watchNamespaces": ["team-a", "team-b"],
         "peering": {"enabled": True, "name": "finetune"},
         "defaults": {"storage": {"uri": "s3://runs/finetune", "credentialsSecret": "s3-credentials"}},
+        "backend": {"default": "jobset", "enabled": ["pytorchjob", "jobset"]},
     },
     # Monitoring on, policy off, a pinned image, scheduling knobs.
     "metrics-digest": {
@@ -37,8 +38,9 @@ VALUE_SETS: dict[str, dict] = {
         "fullnameOverride": "ft",
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}},
     },
-    # Cluster-wide with peering.
-    "clusterwide-peering": {"peering": {"enabled": True}, "trainer": {"image": "registry.local/trainer:dev"}},
+    # Cluster-wide with peering, TrainJobs only on a custom runtime.
+    "clusterwide-peering": {"peering": {"enabled": True}, "trainer": {"image": "registry.local/trainer:dev"},
+                            "backend": {"enabled": ["trainjob"], "trainJobRuntime": "torch-cuda"}},
 }
 
 
@@ -151,6 +153,11 @@ def test_args_are_accepted_by_the_operator_cli(rendered):
     assert args.default_storage_uri == storage.get("uri")
     assert args.default_storage_credentials_secret == storage.get("credentialsSecret")
     assert args.log_level == values.get("logLevel", "info")
+    backend = values.get("backend", {})
+    assert args.default_backend == backend.get("default", "auto")
+    backends = args.backends.split(",") if isinstance(args.backends, str) else list(args.backends)
+    assert backends == backend.get("enabled", ["trainjob", "jobset", "pytorchjob"])
+    assert args.trainjob_runtime == backend.get("trainJobRuntime", "torch-distributed")
 
 
 def test_image_reference(rendered):
@@ -216,6 +223,8 @@ def test_peering_objects_follow_the_scope(rendered):
         ({"logLevel": "trace"}, "logLevel"),
         ({"trainer": {"imag": "x"}}, "imag"),
         ({"polcy": {}}, "polcy"),
+        ({"backend": {"default": "kubeflow"}}, "backend"),
+        ({"backend": {"enabled": ["mpijob"]}}, "backend"),
     ],
 )
 def test_values_schema_refuses(values, message):
@@ -232,5 +241,8 @@ def test_notes_tell_the_next_steps():
     for text in ("team-a, team-b", "rollout status deployment/ft-finetune-operator", "s3://runs/finetune",
                  "create secret generic s3-credentials", "wait ftj/smollm2-lora --for=condition=Succeeded",
                  "metadata.namespace to one of team-a, team-b",
-                 "trust_remote_code: false", "kubectl delete crd finetunejobs.finetune.dev", "never deleted"):
+                 "trust_remote_code: false", "kubectl delete crd finetunejobs.finetune.dev", "never deleted",
+                 "kubectl get crd finetunejobs.finetune.dev pytorchjobs.kubeflow.org jobsets.jobset.x-k8s.io\n",
+                 "helm show crds <chart> | kubectl apply --server-side --force-conflicts -f -"):
         assert text in notes, text
+    assert "trainjobs" not in notes, "TrainJob is not enabled in this value set"

@@ -14,6 +14,10 @@ rendered (Cluster)Roles through a small RBAC authorizer:
 - the per-job Roles fit inside the operator's own rights in the job's namespace.
 
 Both scopes run: cluster-wide (ClusterRole) and two watched namespaces (a Role in each).
+The chart is rendered with the PyTorchJob backend only (backend.enabled={pytorchjob},
+backend.default=pytorchjob), the backend this test drives, so "nothing more" stays exact. The
+trainjobs and jobsets rules of the other backends carry the same verbs on their own kind, which
+tests/test_helm_backends.py checks against this proven pytorchjobs rule (symmetry).
 The emulator does not enforce RBAC itself; that is what the authorizer here stands in for.
 """
 
@@ -328,9 +332,12 @@ def _repaired(tester: TestClient, plural: str) -> bool:
 
 # ------------------------------------------------------------------ the tests
 
+# Only the backend the test drives: the other kinds' rules are checked by symmetry in
+# tests/test_helm_backends.py (the same verbs as the pytorchjobs rule proven here).
+PYTORCHJOB_ONLY = {"backend": {"enabled": ["pytorchjob"], "default": "pytorchjob"}}
 SCOPES = {
-    "clusterwide": {"peering": {"enabled": True}},
-    "namespaced": {"peering": {"enabled": True}, "watchNamespaces": [NAMESPACE, "other"]},
+    "clusterwide": {"peering": {"enabled": True}, **PYTORCHJOB_ONLY},
+    "namespaced": {"peering": {"enabled": True}, "watchNamespaces": [NAMESPACE, "other"], **PYTORCHJOB_ONLY},
 }
 
 

@@ -1,7 +1,10 @@
-"""`finetune run` end to end: a FineTuneJob with nodes: 2 becomes two local processes (Master
-and Worker) that train the tiny Llama together over gloo on loopback, exactly as two pods
-would (same config file, same env, same command), and leave checkpoints and the final
-model in the job's file:// storage."""
+"""`finetune run` end to end: a FineTuneJob with nodes: 2 becomes two local processes that train
+the tiny Llama together over gloo on loopback, exactly as two pods would (same config file,
+same env, same command), and leave checkpoints and the final model in the job's file://
+storage. Once per backend (`--backend`), so each env contract reaches the launcher: the
+PyTorchJob's Master and Worker (the training operator's RANK, MASTER_*, PET_*); a JobSet's two
+Indexed pods (PET_* rendered by the operator, the node rank from the Job completion index
+annotation through the downward API); a TrainJob's two nodes (the torch plug-in's PET_*)."""
 
 from __future__ import annotations
 
@@ -38,10 +41,14 @@ def manifest(model_dir: Path, data: Path) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def two_node_run(tmp_path_factory, tiny_model_dir):
-    """One `finetune run` of the two-node job, shared by the tests below."""
-    tmp_path = tmp_path_factory.mktemp("two-nodes")
+PODS = {"pytorchjob": ("master-0", "worker-0"), "jobset": ("node-0", "node-1"), "trainjob": ("node-0", "node-1")}
+
+
+@pytest.fixture(scope="module", params=list(PODS))
+def two_node_run(request, tmp_path_factory, tiny_model_dir):
+    """One `finetune run --backend <each>` of the two-node job, shared by the tests below."""
+    backend = request.param
+    tmp_path = tmp_path_factory.mktemp(f"two-nodes-{backend}")
     data = tmp_path / "train.jsonl"
     rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
@@ -49,34 +56,35 @@ def two_node_run(tmp_path_factory, tiny_model_dir):
     job.write_text(yaml.safe_dump(manifest(tiny_model_dir, data)))
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "finetune_trainer.cli", "run", "-f", str(job), "--run-dir", str(run_dir)],
+        [sys.executable, "-m", "finetune_trainer.cli", "run", "-f", str(job), "--run-dir", str(run_dir),
+         "--backend", backend],
         capture_output=True, text=True, timeout=540, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    return proc.returncode, proc.stdout + proc.stderr, run_dir
+    return proc.returncode, proc.stdout + proc.stderr, run_dir, PODS[backend]
 
 
 def test_two_local_nodes_train_as_one_world(two_node_run):
-    code, output, run_dir = two_node_run
+    code, output, run_dir, (first, second) = two_node_run
     assert code == 0, output[-6000:]
-    assert "[master-0]" in output and "[worker-0]" in output
-    assert "master-0 exited 0, worker-0 exited 0" in output
+    assert f"[{first}]" in output and f"[{second}]" in output
+    assert f"{first} exited 0, {second} exited 0" in output
     # One world of two ranks, not two runs of one: each optimizer step consumed a micro-batch
     # on both, so an epoch of N samples took N / 2 steps.
-    results = json.loads((run_dir / "master-0" / "output" / "train_results.json").read_text())
+    results = json.loads((run_dir / first / "output" / "train_results.json").read_text())
     samples = results["data"]["train"]["samples"]
     assert results["global_step"] == 2
     assert results["epoch"] == pytest.approx(results["global_step"] * 2 / samples)
     # Both replicas ran the same resolved config, each with its own output directory.
-    configs = [yaml.safe_load((run_dir / r / "config.yaml").read_text()) for r in ("master-0", "worker-0")]
+    configs = [yaml.safe_load((run_dir / r / "config.yaml").read_text()) for r in (first, second)]
     assert configs[0]["output"]["storage_uri"] == configs[1]["output"]["storage_uri"]
     assert configs[0]["output"]["output_dir"] != configs[1]["output"]["output_dir"]
 
 
 def test_checkpoints_and_final_model_land_in_storage(two_node_run):
-    code, output, run_dir = two_node_run
+    code, output, run_dir, (first, _) = two_node_run
     assert code == 0, output[-3000:]
     storage = run_dir / "storage" / "default" / "two-nodes"
-    config = yaml.safe_load((run_dir / "master-0" / "config.yaml").read_text())
+    config = yaml.safe_load((run_dir / first / "config.yaml").read_text())
     assert config["output"]["storage_uri"] == f"file://{storage.resolve()}"
     checkpoints = sorted((storage / "checkpoints").glob("checkpoint-*"))
     assert checkpoints, f"no checkpoints under {storage}: {sorted(p.name for p in storage.rglob('*'))[:20]}"

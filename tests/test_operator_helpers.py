@@ -118,23 +118,25 @@ def test_a_child_without_a_spec_hash_is_kept_applied():
 
 
 @pytest.mark.parametrize(
-    "kind, spec, owned",
+    "api_version, kind, spec, owned",
     [
-        ("PyTorchJob", {"queue_name": "q"}, handlers.KUEUE_OWNED),
-        ("PyTorchJob", {"queue_name": "q", "suspend": True}, ()),
-        ("PyTorchJob", {}, ()),
-        ("ConfigMap", {"queue_name": "q"}, ()),
+        ("kubeflow.org/v1", "PyTorchJob", {"queue_name": "q"}, (("spec", "runPolicy", "suspend"),)),
+        ("trainer.kubeflow.org/v1alpha1", "TrainJob", {"queue_name": "q"}, (("spec", "suspend"),)),
+        ("jobset.x-k8s.io/v1alpha2", "JobSet", {"queue_name": "q"}, (("spec", "suspend"),)),
+        ("kubeflow.org/v1", "PyTorchJob", {"queue_name": "q", "suspend": True}, ()),
+        ("jobset.x-k8s.io/v1alpha2", "JobSet", {}, ()),
+        ("v1", "ConfigMap", {"queue_name": "q"}, ()),
     ],
 )
-def test_kueue_owns_suspend_of_queued_jobs(kind, spec, owned):
-    assert handlers.owned_by_others({"kind": kind}, spec) == owned
+def test_kueue_owns_suspend_of_queued_jobs(api_version, kind, spec, owned):
+    assert handlers.owned_by_others({"apiVersion": api_version, "kind": kind}, spec) == owned
 
 
 def test_every_rejected_generation_is_announced():
     rejected = st.Acceptance.change_rejected(3)
-    before = st.conditions_for(generation=2, acceptance=st.Acceptance.change_rejected(2), suspend=False, pytorchjob=None,
+    before = st.conditions_for(generation=2, acceptance=st.Acceptance.change_rejected(2), suspend=False, workload=None,
                                now="t")
-    after = st.conditions_for(generation=3, acceptance=rejected, suspend=False, pytorchjob=None,
+    after = st.conditions_for(generation=3, acceptance=rejected, suspend=False, workload=None,
                               previous=before["conditions"], now="t")
     (event,) = handlers.owner_events(before, after, rejected)
     assert (event.type, event.reason, event.event_type) == ("Accepted", "SpecChangeRejected", "Warning")
@@ -203,7 +205,8 @@ def test_connection_info_from_a_client_configuration():
 
 
 def _pytorchjob(suspend: bool = False, **status) -> dict:
-    return {"metadata": {"name": "j"}, "spec": {"runPolicy": {"suspend": suspend}}, "status": status}
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "j"},
+            "spec": {"runPolicy": {"suspend": suspend}}, "status": status}
 
 
 @pytest.mark.parametrize(

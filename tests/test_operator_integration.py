@@ -212,7 +212,7 @@ def test_failure_carries_exit_code_and_trainer_message(cluster, operator, tmp_pa
     assert "1 Master replica(s) failed" in failed["message"]
     assert cluster.condition("demo", "Stalled")["status"] == "True"
     assert cluster.condition("demo", "Succeeded")["status"] == "False"
-    assert cluster.job("demo")["status"]["pytorchJob"]["lastExit"]["exitCode"] == 1
+    assert cluster.job("demo")["status"]["workload"]["lastExit"]["exitCode"] == 1
     wait_for(lambda: ("Warning", "PermanentError") in [(e["type"], e["reason"]) for e in cluster.events("demo")],
              what="a Warning Event for the failure")
 
@@ -266,7 +266,7 @@ def test_operator_killed_mid_reconcile_leaves_no_duplicates(cluster, emulator, t
         if in_flight == "lands":
             gate.release()  # the dead operator's create arrives now, racing the new operator's
         cluster.wait_condition("demo", "Accepted", "True", reason="Valid")
-        wait_for(lambda: cluster.job("demo")["status"].get("pytorchJob"), what="the PyTorchJob in status")
+        wait_for(lambda: cluster.job("demo")["status"].get("workload"), what="the PyTorchJob in status")
     finally:
         gate.release(lost=in_flight != "lands")
         second.stop()

@@ -124,7 +124,7 @@ TYPES = ("Accepted", "Suspended", "Running", "Succeeded", "Failed", "Ready", "Re
     ids=[row[0] for row in ROWS],
 )
 def test_mapping(acceptance, generation, suspend, pytorchjob, progress, phase, statuses, reasons):
-    out = st.conditions_for(generation=generation, acceptance=acceptance, suspend=suspend, pytorchjob=pytorchjob,
+    out = st.conditions_for(generation=generation, acceptance=acceptance, suspend=suspend, workload=pytorchjob,
                             progress=progress, now=NOW)
     by_type = {c["type"]: c for c in out["conditions"]}
     assert out["phase"] == phase
@@ -132,13 +132,13 @@ def test_mapping(acceptance, generation, suspend, pytorchjob, progress, phase, s
     for ctype, reason in reasons.items():
         assert by_type[ctype]["reason"] == reason, ctype
     assert out["observedGeneration"] == acceptance.generation
-    assert (out.get("pytorchJob") is not None) == (pytorchjob is not None)
+    assert (out.get("workload") is not None) == (pytorchjob is not None)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row[0] for row in ROWS])
 def test_every_condition_follows_the_api_conventions(row):
     _, acceptance, generation, suspend, pytorchjob, progress, *_ = row
-    out = st.conditions_for(generation=generation, acceptance=acceptance, suspend=suspend, pytorchjob=pytorchjob,
+    out = st.conditions_for(generation=generation, acceptance=acceptance, suspend=suspend, workload=pytorchjob,
                             progress=progress, now=NOW)
     assert [c["type"] for c in out["conditions"]] == list(TYPES)
     for cond in out["conditions"]:
@@ -156,7 +156,7 @@ def _by_type(out):
 def test_failed_condition_carries_exit_code_reason_and_message():
     job = pj("Failed", messages={"Failed": "PyTorchJob job is failed because 1 Master replica(s) failed."},
              exit_info=ExitInfo(1, "Error", "spec.dataset: no rows left after filtering", "job-master-0"))
-    failed = _by_type(st.conditions_for(generation=1, acceptance=VALID, suspend=False, pytorchjob=job,
+    failed = _by_type(st.conditions_for(generation=1, acceptance=VALID, suspend=False, workload=job,
                                         progress={"checkpointUri": "s3://b/ns/job/checkpoints/checkpoint-40"}, now=NOW))["Failed"]
     assert failed["reason"] == "PermanentError"
     for part in ("exit code 1 (permanent)", "reason Error", "pod job-master-0", "no rows left after filtering",
@@ -166,14 +166,14 @@ def test_failed_condition_carries_exit_code_reason_and_message():
 
 def test_restarting_names_the_retryable_exit():
     job = pj("Restarting", exit_info=ExitInfo(143, "Error", "preempted; saved checkpoint-40"))
-    running = _by_type(st.conditions_for(generation=1, acceptance=VALID, suspend=False, pytorchjob=job, now=NOW))["Running"]
+    running = _by_type(st.conditions_for(generation=1, acceptance=VALID, suspend=False, workload=job, now=NOW))["Running"]
     assert "exit code 143 (retryable, SIGTERM)" in running["message"]
     assert "saved checkpoint-40" in running["message"]
 
 
 def test_invalid_spec_message_lists_every_field():
     acceptance = Acceptance.invalid(3, ["spec.training.learning_rate: must be > 0", "spec.nodes: must be >= 1"])
-    accepted = _by_type(st.conditions_for(generation=3, acceptance=acceptance, suspend=False, pytorchjob=None, now=NOW))["Accepted"]
+    accepted = _by_type(st.conditions_for(generation=3, acceptance=acceptance, suspend=False, workload=None, now=NOW))["Accepted"]
     assert accepted["message"].splitlines()[1:] == ["spec.training.learning_rate: must be > 0", "spec.nodes: must be >= 1"]
     assert accepted["observedGeneration"] == 3
 
@@ -182,8 +182,8 @@ def test_invalid_spec_message_lists_every_field():
 
 
 def test_transition_time_moves_only_when_status_changes():
-    first = st.conditions_for(generation=1, acceptance=VALID, suspend=False, pytorchjob=pj("Created"), now=NOW)
-    second = st.conditions_for(generation=1, acceptance=VALID, suspend=False, pytorchjob=pj("Created", "Running"),
+    first = st.conditions_for(generation=1, acceptance=VALID, suspend=False, workload=pj("Created"), now=NOW)
+    second = st.conditions_for(generation=1, acceptance=VALID, suspend=False, workload=pj("Created", "Running"),
                                previous=first["conditions"], now=LATER)
     times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
     assert times["Running"] == LATER  # False -> True
@@ -201,9 +201,9 @@ def test_reason_change_alone_keeps_the_transition_time():
 
 
 def test_same_input_twice_changes_nothing():
-    first = st.conditions_for(generation=1, acceptance=VALID, suspend=False, pytorchjob=pj("Running"), now=NOW)
+    first = st.conditions_for(generation=1, acceptance=VALID, suspend=False, workload=pj("Running"), now=NOW)
     status = dict(first)
-    again = st.conditions_for(generation=1, acceptance=VALID, suspend=False, pytorchjob=pj("Running"),
+    again = st.conditions_for(generation=1, acceptance=VALID, suspend=False, workload=pj("Running"),
                               previous=first["conditions"], now=LATER)
     assert not st.status_changed(status, again)
     assert st.status_changed(status, {**again, "phase": "Failed"})
@@ -213,7 +213,7 @@ def test_same_input_twice_changes_nothing():
 
 
 def test_first_visit_announces_what_is_news():
-    out = st.conditions_for(generation=1, acceptance=VALID, suspend=False, pytorchjob=None, now=NOW)
+    out = st.conditions_for(generation=1, acceptance=VALID, suspend=False, workload=None, now=NOW)
     events = st.transitions(None, out["conditions"])
     assert [(e.type, e.status, e.reason) for e in events] == [("Accepted", TRUE, "Valid"), ("Running", FALSE, "NotStarted")]
     assert all(e.event_type == "Normal" for e in events)
@@ -236,16 +236,16 @@ def test_first_visit_announces_what_is_news():
     ids=["starts", "restarts", "recovers", "succeeds", "fails", "suspends", "nothing"],
 )
 def test_transitions_between_child_states(before, after, expected):
-    first = st.conditions_for(generation=1, acceptance=VALID, suspend=False, pytorchjob=before, now=NOW)
-    second = st.conditions_for(generation=1, acceptance=VALID, suspend=False, pytorchjob=after,
+    first = st.conditions_for(generation=1, acceptance=VALID, suspend=False, workload=before, now=NOW)
+    second = st.conditions_for(generation=1, acceptance=VALID, suspend=False, workload=after,
                                previous=first["conditions"], now=LATER)
     got = [(e.type, e.status, e.reason, e.event_type) for e in st.transitions(first["conditions"], second["conditions"])]
     assert got == expected
 
 
 def test_rejection_is_a_warning():
-    first = st.conditions_for(generation=1, acceptance=VALID, suspend=False, pytorchjob=pj("Running"), now=NOW)
-    second = st.conditions_for(generation=2, acceptance=REJECTED, suspend=False, pytorchjob=pj("Running"),
+    first = st.conditions_for(generation=1, acceptance=VALID, suspend=False, workload=pj("Running"), now=NOW)
+    second = st.conditions_for(generation=2, acceptance=REJECTED, suspend=False, workload=pj("Running"),
                                previous=first["conditions"], now=LATER)
     (event,) = st.transitions(first["conditions"], second["conditions"])
     assert (event.type, event.reason, event.event_type) == ("Accepted", "SpecChangeRejected", "Warning")
@@ -308,13 +308,13 @@ def test_summary_keeps_what_the_mapping_needs_and_round_trips_the_exit():
                                       "lastUpdateTime": "t"}],
                       "replicaStatuses": {"Master": {"active": 1, "selector": "x"}}, "lastReconcileTime": "t"}}
     summary = st.summarize_pytorchjob(job, ExitInfo(143, "Error", "msg", "p"))
-    assert summary == {"name": "j", "suspend": True,
+    assert summary == {"backend": "pytorchjob", "kind": "PyTorchJob", "name": "j", "suspend": True,
                        "conditions": [{"type": "Running", "status": "True", "reason": "R", "message": "m"}],
                        "replicaStatuses": {"Master": {"active": 1}},
                        "lastExit": {"exitCode": 143, "reason": "Error", "message": "msg", "pod": "p"}}
     assert st.exit_from_summary(summary) == ExitInfo(143, "Error", "msg", "p")
-    assert st.needs_pods(job) is False
-    assert st.needs_pods({"status": {"conditions": [{"type": "Restarting", "status": "True"}]}}) is True
+    assert st.needs_pods(summary) is False
+    assert st.needs_pods({"conditions": [{"type": "Restarting", "status": "True"}]}) is True
 
 
 def test_acceptance_from_recorded_conditions():

@@ -31,7 +31,7 @@ def pj(*true: str, suspend: bool = False, exit_info: ExitInfo | None = None) -> 
 
 
 def derive(acceptance, suspend, pytorchjob, *, generation=1, previous=None, now=NOW, phases=st.PHASES):
-    return st.conditions_for(generation=generation, acceptance=acceptance, suspend=suspend, pytorchjob=pytorchjob,
+    return st.conditions_for(generation=generation, acceptance=acceptance, suspend=suspend, workload=pytorchjob,
                              previous=previous, now=now, phases=phases)
 
 
@@ -60,6 +60,11 @@ PHASE_CASES = {
                 {"Running": "NotStarted", "Succeeded": "InvalidSpec", "Failed": "NoFailure", "Ready": "InvalidSpec",
                  "Reconciling": "InvalidSpec", "Stalled": "InvalidSpec"},
                 ("Accepted", FALSE, "InvalidSpec", "Warning")),
+    "Waiting": (None, (Acceptance.refused(1, "BackendNotInstalled", "install JobSet"), False, None),
+                (FALSE, FALSE, FALSE, FALSE, FALSE, FALSE, TRUE, TRUE),
+                {"Running": "NotStarted", "Succeeded": "BackendNotInstalled", "Ready": "BackendNotInstalled",
+                 "Reconciling": "BackendNotInstalled", "Stalled": "BackendNotInstalled"},
+                ("Accepted", FALSE, "BackendNotInstalled", "Warning")),
     "Starting": ((VALID, False, None), (VALID, False, pj("Created")),
                  (TRUE, FALSE, FALSE, UNKNOWN, FALSE, FALSE, TRUE, FALSE),
                  {"Running": "Starting", "Ready": "Starting", "Reconciling": "Starting", "Stalled": "AsExpected"},
@@ -93,7 +98,7 @@ def _row(phase: str, phases=st.PHASES) -> PhaseRow:
 
 
 def test_every_phase_row_has_a_case():
-    assert [r.phase for r in st.PHASES] == ["Pending", "Invalid", "Succeeded", "Failed", "Suspended", "Restarting",
+    assert [r.phase for r in st.PHASES] == ["Pending", "Waiting", "Invalid", "Succeeded", "Failed", "Suspended", "Restarting",
                                             "Running", "Starting"]  # the order the phase is decided in
     assert set(PHASE_CASES) == {r.phase for r in st.PHASES}
 
@@ -131,7 +136,7 @@ def test_phase_row(phase):
 
 def test_terminal_rows_are_the_ended_runs():
     assert {r.phase for r in st.PHASES if r.terminal} == {"Succeeded", "Failed"}
-    assert {r.phase for r in st.PHASES if r.event == "Warning"} == {"Invalid", "Failed", "Restarting"}
+    assert {r.phase for r in st.PHASES if r.event == "Warning"} == {"Waiting", "Invalid", "Failed", "Restarting"}
 
 
 def test_refs_read_conditions_derived_before():

@@ -22,6 +22,24 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", dest="trainer_image", default=None, help="trainer image when the spec sets none")
     p.add_argument("--default-storage-uri", default=None, help="storage when the spec has no spec.storage")
     p.add_argument("--forbid-trust-remote-code", action="store_true", help="refuse model.trust_remote_code: true")
+    _backend_args(p)
+
+
+BACKEND_CHOICES = ["auto", "pytorchjob", "trainjob", "jobset"]
+
+
+def _backend_args(p: argparse.ArgumentParser, *, operator: bool = False) -> None:
+    if operator:
+        p.add_argument("--default-backend", choices=BACKEND_CHOICES, default="auto",
+                       help="backend for jobs without spec.backend (auto: discovery picks TrainJob, JobSet, PyTorchJob)")
+        p.add_argument("--backends", default="pytorchjob,trainjob,jobset", metavar="LIST",
+                       help="comma-separated backends this operator may create (its RBAC); default all")
+    else:
+        p.add_argument("--backend", dest="default_backend", choices=BACKEND_CHOICES, default=None,
+                       help="backend to render or run when the spec sets none (auto, the default, means pytorchjob "
+                            "here: there is no cluster to ask)")
+    p.add_argument("--trainjob-runtime", default=None, metavar="NAME",
+                   help="ClusterTrainingRuntime for TrainJobs whose spec names none (default torch-distributed)")
 
 
 def _load_job(args: argparse.Namespace, overrides: list[str]) -> dict:
@@ -85,6 +103,7 @@ def _operator_args(p: argparse.ArgumentParser) -> None:
         "--default-storage-credentials-secret", default=None, help="Secret (in each job's namespace) for that storage"
     )
     p.add_argument("--forbid-trust-remote-code", action="store_true", help="refuse jobs with model.trust_remote_code")
+    _backend_args(p, operator=True)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"], help="operator log level")
 
 

@@ -344,6 +344,20 @@ def status_schema() -> dict[str, Any]:
                 "x-kubernetes-list-map-keys": ["type"],
                 "items": condition,
             },
+            "backend": {"type": "string", "enum": ["pytorchjob", "trainjob", "jobset"],
+                        "description": "The backend the job runs on, recorded when its workload was created; never changes."},
+            "workload": {
+                "description": "The workload's state as the operator read it (any backend, in PyTorchJob's condition names).",
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "properties": {
+                    "backend": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "name": {"type": "string"},
+                    "suspend": {"type": "boolean"},
+                    "restarts": {"type": "integer"},
+                },
+            },
             "progress": progress,
             "evaluation": {
                 "description": "Evaluation results after training.",
@@ -362,6 +376,7 @@ PRINTER_COLUMNS = [
     {"name": "Nodes", "type": "integer", "jsonPath": ".spec.nodes", "priority": 1},
     {"name": "GPUs", "type": "integer", "jsonPath": ".spec.gpus_per_node", "priority": 1},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Backend", "type": "string", "jsonPath": ".status.backend", "priority": 1},
     {"name": "Progress %", "type": "number", "jsonPath": ".status.progress.progressPercentage"},
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},

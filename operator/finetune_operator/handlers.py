@@ -1,13 +1,15 @@
-"""kopf handlers: a FineTuneJob becomes its children; its PyTorchJob's state becomes its status.
+"""kopf handlers: a FineTuneJob becomes its children; its workload's state becomes its status.
 
-Thin edges over pure code (render.py, status.py, kube.py's helpers):
+Thin edges over pure code (backends.py, render.py, workloads.py, status.py, kube.py's helpers):
 
-1. reconcile (create / resume / spec update): validate and render; on an invalid spec write
-   Accepted=False with every `path: message`, post a Warning Event, create nothing. Otherwise
-   apply each child idempotently (create; 409 -> read, patch what drifted), then write the
-   status derived from what was applied.
-2. pytorchjob_event: every event of a labelled PyTorchJob recomputes the owner's status.
-   The exit code comes from the pods when the job failed or restarts.
+1. reconcile (create / resume / spec update): choose the backend (backends.choose: recorded,
+   spec.backend, the operator's default, discovery for auto), validate and render; on an
+   invalid spec write Accepted=False with every `path: message`, post a Warning Event, create
+   nothing; when no backend can run it (its CRD is not served) the same, and retry until it
+   is. Otherwise apply each child idempotently (create; 409 -> read, patch what drifted), then
+   write the status derived from what was applied, with the backend it ran on.
+2. workload_event: every event of a labelled PyTorchJob, TrainJob or JobSet recomputes the
+   owner's status. The exit code comes from the pods when the job failed or restarts.
 Both write through `write_status`, the one writer: derive on the freshest body at hand,
 JSON-patch /status guarded by its resourceVersion, on 422 re-read and derive again; the
 Events posted (one per condition transition) are computed from what was written.
@@ -17,7 +19,7 @@ model, data or hyper-parameters mid-way and still resume from its checkpoints, a
 restarting hours of GPU time is worse than saying no. The run keeps its original spec,
 Accepted=False (reason SpecChangeRejected) and a Warning Event say so; reverting the edit
 makes the job Accepted again; delete and re-create to change it (checkpoints stay in storage).
-"After start" means: the PyTorchJob exists. Before that (e.g. after an invalid spec) edits apply.
+"After start" means: the workload (PyTorchJob, TrainJob or JobSet) exists. Before that (e.g. after an invalid spec) edits apply.
 
 Deletion: no finalizer. Every child carries an ownerReference to the FineTuneJob, so the
 API server's garbage collector deletes them (and the PyTorchJob's pods) when the job goes;
@@ -39,24 +41,16 @@ import kopf
 
 from finetune_trainer.config import ConfigError
 
+from . import backends as bk
 from . import status as st
-from finetune_trainer.contract import (
-    ANNOTATION_SPEC_HASH,
-    LABEL_JOB_NAME,
-    PYTORCHJOB_API_VERSION,
-    PYTORCHJOB_GROUP,
-    PYTORCHJOB_KIND,
-    PYTORCHJOB_PLURAL,
-    PYTORCHJOB_VERSION,
-    TRAINING_JOB_LABEL,
-)
+from finetune_trainer.contract import ANNOTATION_BACKEND, ANNOTATION_SPEC_HASH, LABEL_JOB_NAME
 from .kube import JSON_PATCH, RETRY_DELAY, ApiError, Kube, status_json_patch
-from .render import render, spec_hash
+from .render import config_map_name, render, spec_hash
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 FINETUNEJOBS = (GROUP, VERSION, PLURAL)
-PYTORCHJOBS = (PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL)
 MAX_STATUS_CONFLICTS = 5  # re-reads when another writer moved the resourceVersion first
+REASON_BACKEND_SELECTED = "BackendSelected"  # the Normal Event that says which backend a job got
 
 
 def now() -> str:
@@ -78,12 +72,15 @@ def api_errors(delay: float) -> Iterator[None]:
         raise kopf.TemporaryError(f"Kubernetes API: {err}", delay=delay) from err
 
 
-def read_exit(kube: Kube, namespace: str, pytorchjob: Mapping[str, Any]) -> st.ExitInfo | None:
-    """The trainer's last non-zero exit, from the job's pods, when the job failed or restarts."""
-    if not st.needs_pods(pytorchjob):
-        return None
-    name = pytorchjob["metadata"]["name"]
-    return st.exit_from_pods(kube.list("v1", "Pod", namespace, label_selector=f"{TRAINING_JOB_LABEL}={name}"))
+def summarize(kube: Kube, backend: bk.Backend, child: Mapping[str, Any]) -> dict[str, Any]:
+    """The child's summary (status.workload), with the trainer's last non-zero exit read from
+    its pods when it failed or restarts."""
+    summary = st.summarize_child(backend.name, child)
+    if not st.needs_pods(summary):
+        return summary
+    meta = child["metadata"]
+    pods = kube.list("v1", "Pod", meta["namespace"], label_selector=backend.pod_selector(meta["name"]))
+    return st.summarize_child(backend.name, child, st.exit_from_pods(pods, backend.container))
 
 
 def suspend_only_change(existing_hash: str | None, spec: Mapping[str, Any]) -> bool:
@@ -95,42 +92,88 @@ def suspend_only_change(existing_hash: str | None, spec: Mapping[str, Any]) -> b
     return existing_hash in {spec_hash(v) for v in variants}
 
 
-KUEUE_OWNED = (("spec", "runPolicy", "suspend"),)
-
-
 def owned_by_others(manifest: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
-    """A queued job's runPolicy.suspend belongs to Kueue (it admits by unsuspending) unless
-    the user suspends it; never re-suspend what Kueue admitted."""
-    queued = manifest["kind"] == PYTORCHJOB_KIND and spec.get("queue_name") and spec.get("suspend") is not True
-    return KUEUE_OWNED if queued else ()
+    """A queued job's suspend flag (runPolicy.suspend of a PyTorchJob, spec.suspend of a
+    TrainJob or JobSet) belongs to Kueue (it admits by unsuspending) unless the user suspends
+    it; never re-suspend what Kueue admitted."""
+    backend = bk.backend_of(manifest)
+    queued = backend is not None and spec.get("queue_name") and spec.get("suspend") is not True
+    return (backend.suspend_path,) if queued else ()
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one reconcile decided and saw: the verdict and the PyTorchJob's summary."""
+    """What one reconcile decided and saw: the verdict, the workload's summary, the backend."""
 
     acceptance: st.Acceptance
-    pytorchjob: dict[str, Any] | None
+    workload: dict[str, Any] | None
     applied: tuple[tuple[str, str, str], ...] = ()  # (kind, name, created|unchanged|patched)
+    choice: bk.Choice | None = None
+    waiting: bool = False  # no backend can run it yet: retry (the CRD may be installed any time)
 
 
-def reconcile_job(kube: Kube, job: Mapping[str, Any], settings: Any) -> Outcome:
-    """1 validate + render, 2 never restart a finished run, 3 refuse a spec change after start,
-    4 apply the children in order (RBAC before the pods that use it).
+class _EarlierChoice(Exception):
+    """The ConfigMap an interrupted reconcile created names another backend: use that one."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+
+def configmap_backend(kube: Kube, job: Mapping[str, Any]) -> str | None:
+    """The backend an earlier reconcile wrote on the job's ConfigMap (created before the
+    workload), if it got that far and no status records it."""
+    meta = job["metadata"]
+    existing = kube.get("v1", "ConfigMap", meta["namespace"], config_map_name(meta["name"]))
+    name = ((existing or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_BACKEND)
+    return name if name in bk.BACKENDS else None
+
+
+def choose_backend(kube: Kube, job: Mapping[str, Any], settings: Any, discovery: Any,
+                   recorded: str | None) -> bk.Choice | bk.Refusal:
+    spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
+    requested = spec.get("backend") if spec.get("backend") in (*bk.BACKENDS, "auto") else None
+    return bk.choose(requested, default=settings.default_backend, enabled=settings.enabled_backends,
+                     served=lambda: discovery.served(kube), recorded=recorded)
+
+
+def reconcile_job(kube: Kube, job: Mapping[str, Any], settings: Any, discovery: Any = None) -> Outcome:
+    """1 choose the backend, validate + render, 2 never restart a finished run, 3 refuse a spec
+    change after start, 4 apply the children in order (RBAC before the pods that use it).
 
     A job with no conditions yet was never reconciled, so it has no run to protect: its
     children are created with no read first, and 2 and 3 are checked only if one of them
-    turns out to exist already (an earlier reconcile got that far before it wrote status)."""
+    turns out to exist already (an earlier reconcile got that far before it wrote status;
+    then the backend it wrote on the ConfigMap wins over a new choice)."""
+    discovery = discovery or bk.Discovery()
+    checked = bool((job.get("status") or {}).get("conditions"))
+    recorded = bk.recorded_backend(job)
+    if recorded is None and checked:
+        recorded = configmap_backend(kube, job)
+    try:
+        outcome = _reconcile(kube, job, settings, choose_backend(kube, job, settings, discovery, recorded), checked)
+    except _EarlierChoice as earlier:
+        outcome = _reconcile(kube, job, settings, choose_backend(kube, job, settings, discovery, earlier.backend), True)
+    if outcome.waiting:
+        discovery.forget()  # the retry asks the API server again: the CRD may be there by then
+    return outcome
+
+
+def _reconcile(kube: Kube, job: Mapping[str, Any], settings: Any, choice: bk.Choice | bk.Refusal,
+               checked: bool) -> Outcome:
     meta = job["metadata"]
     generation = int(meta.get("generation") or 1)
+    chosen = choice.backend.name if isinstance(choice, bk.Choice) else None
     try:
-        manifests = render(dict(job), settings)
+        manifests = render(dict(job), settings, chosen)  # a refused job's spec is still checked
     except ConfigError as exc:
         return Outcome(st.Acceptance.invalid(generation, [str(issue) for issue in exc.errors]), None)
-    checked = bool((job.get("status") or {}).get("conditions"))
-    if checked and (refusal := refuse_to_apply(kube, job, generation)):
+    if isinstance(choice, bk.Refusal):
+        return Outcome(st.Acceptance.refused(generation, choice.reason, choice.message), None,
+                       waiting=choice.reason == st.REASON_BACKEND_NOT_INSTALLED)
+    backend = choice.backend
+    if checked and (refusal := refuse_to_apply(kube, job, generation, backend)):
         return refusal
-    applied, pytorchjob = [], None
+    applied, workload = [], None
     for manifest in manifests:
         ignore = owned_by_others(manifest, job.get("spec") or {})
         if checked:
@@ -142,14 +185,18 @@ def reconcile_job(kube: Kube, job: Mapping[str, Any], settings: Any) -> Outcome:
                 if not err.conflict:
                     raise
                 checked = True
-                if refusal := refuse_to_apply(kube, job, generation):
+                if manifest["kind"] == "ConfigMap":
+                    earlier = configmap_backend(kube, job)
+                    if earlier is not None and earlier != backend.name:
+                        raise _EarlierChoice(earlier) from None
+                if refusal := refuse_to_apply(kube, job, generation, backend):
                     return refusal
                 action, obj = kube.apply(manifest, ignore=ignore, exists=True)
         applied.append((manifest["kind"], manifest["metadata"]["name"], action))
-        if manifest["kind"] == PYTORCHJOB_KIND:
-            pytorchjob = obj
-    summary = st.summarize_pytorchjob(pytorchjob, read_exit(kube, meta["namespace"], pytorchjob)) if pytorchjob else None
-    return Outcome(st.Acceptance.valid(generation), summary, tuple(applied))
+        if bk.backend_of(manifest) is backend:
+            workload = obj
+    summary = summarize(kube, backend, workload) if workload else None
+    return Outcome(st.Acceptance.valid(generation), summary, tuple(applied), choice)
 
 
 @dataclass(frozen=True)
@@ -161,9 +208,9 @@ class Refusal:
 
 
 def refusal(job: Mapping[str, Any], generation: int, existing: Mapping[str, Any] | None) -> Refusal | None:
-    """The pure decision (2 and 3 above) on the job and the PyTorchJob read for it; None: apply."""
+    """The pure decision (2 and 3 above) on the job and the workload read for it; None: apply."""
     if existing is None and st.finished((job.get("status") or {}).get("conditions")):
-        # The run ended and its PyTorchJob was cleaned up: re-creating it would train again.
+        # The run ended and its workload was cleaned up: re-creating it would train again.
         return Refusal(st.Acceptance.valid(generation), summarize_child=False)
     if existing is not None:
         running_hash = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
@@ -172,23 +219,23 @@ def refusal(job: Mapping[str, Any], generation: int, existing: Mapping[str, Any]
     return None
 
 
-def refuse_to_apply(kube: Kube, job: Mapping[str, Any], generation: int) -> Outcome | None:
-    """Read the PyTorchJob once, decide (`refusal`), and say why not to apply; None: go on."""
+def refuse_to_apply(kube: Kube, job: Mapping[str, Any], generation: int, backend: bk.Backend) -> Outcome | None:
+    """Read the workload once, decide (`refusal`), and say why not to apply; None: go on."""
     meta = job["metadata"]
-    existing = kube.get(PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, meta["namespace"], meta["name"])
+    existing = kube.get(backend.api_version, backend.kind, meta["namespace"], meta["name"])
     decided = refusal(job, generation, existing)
     if decided is None:
         return None
     summary = None
     if decided.summarize_child and existing is not None:
-        summary = st.summarize_pytorchjob(existing, read_exit(kube, meta["namespace"], existing))
+        summary = summarize(kube, backend, existing)
     return Outcome(decided.acceptance, summary)
 
 
 def reconcile_fields(outcome: Outcome, spec_suspend: bool, when: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     """What a reconcile writes, derived on whichever body `write_status` has (the handler's,
-    or a re-read after a conflict). The PyTorchJob summary already in status wins over the
-    one this reconcile read: it is written by the PyTorchJob's own event handler, which sees
+    or a re-read after a conflict). The workload summary already in status wins over the
+    one this reconcile read: it is written by the workload's own event handler, which sees
     every later change."""
 
     def fields(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,19 +278,21 @@ def write_status(kube: Kube, owner: Mapping[str, Any], fields_for: Derivation,
 
 
 def child_summary(status: Mapping[str, Any] | None, outcome: Outcome) -> dict[str, Any] | None:
-    """The PyTorchJob summary already recorded in status, else the one this reconcile read."""
-    return (status or {}).get("pytorchJob") or outcome.pytorchjob
+    """The workload summary already recorded in status (status.pytorchJob: by an operator
+    before backends), else the one this reconcile read."""
+    status = status or {}
+    return status.get("workload") or status.get("pytorchJob") or outcome.workload
 
 
 def derive(
-    body: Mapping[str, Any], acceptance: st.Acceptance, spec_suspend: bool, pytorchjob: Any, when: str
+    body: Mapping[str, Any], acceptance: st.Acceptance, spec_suspend: bool, workload: Any, when: str
 ) -> dict[str, Any]:
     status = body.get("status") or {}
     return st.conditions_for(
         generation=int(body["metadata"].get("generation") or 1),
         acceptance=acceptance,
         suspend=spec_suspend,
-        pytorchjob=pytorchjob,
+        workload=workload,
         progress=status.get("progress"),
         previous=status.get("conditions"),
         now=when,
@@ -265,11 +314,14 @@ def owner_events(before: Mapping[str, Any] | None, after: Mapping[str, Any], acc
     return events
 
 
-def sync_owner_status(kube: Kube, pytorchjob: Mapping[str, Any], logger: logging.Logger) -> None:
-    """PyTorchJob -> its FineTuneJob's status, through `write_status`."""
-    meta = pytorchjob["metadata"]
+def sync_owner_status(kube: Kube, child: Mapping[str, Any], logger: logging.Logger) -> None:
+    """A workload (any backend's kind) -> its FineTuneJob's status, through `write_status`."""
+    meta = child["metadata"]
+    backend = bk.backend_of(child)
+    if backend is None:
+        return
     namespace, owner_name = meta["namespace"], meta["labels"][LABEL_JOB_NAME]
-    summary = st.summarize_pytorchjob(pytorchjob, read_exit(kube, namespace, pytorchjob))
+    summary = summarize(kube, backend, child)
     owner = kube.get(API_VERSION, KIND, namespace, owner_name)
     if owner is None:
         return  # the owner is gone (GC follows)
@@ -278,13 +330,16 @@ def sync_owner_status(kube: Kube, pytorchjob: Mapping[str, Any], logger: logging
         owner_uid = owner["metadata"].get("uid")
         if not any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or []):
             return None  # not this owner's child (a namesake re-created since)
+        recorded = bk.recorded_backend(owner)
+        if recorded is not None and recorded != backend.name:
+            return None  # not the kind this job runs on (it never has two)
         status = owner.get("status") or {}
         if st.find(status.get("conditions"), st.ACCEPTED) is None:
             # The reconcile that created this child has not written status yet; it will, from
             # its own read of the child, or from a newer summary recorded here (which it prefers).
-            if st.blank_summary(summary) or status.get("pytorchJob") == summary:
+            if st.blank_summary(summary) or status.get("workload") == summary:
                 return None
-            return {"pytorchJob": summary}
+            return {"workload": summary, "backend": backend.name}
         acceptance = st.Acceptance.from_conditions(status.get("conditions"), int(owner["metadata"].get("generation") or 1))
         return derive(owner, acceptance, (owner.get("spec") or {}).get("suspend") is True, summary, now())
 
@@ -294,11 +349,14 @@ def sync_owner_status(kube: Kube, pytorchjob: Mapping[str, Any], logger: logging
         announce(owner, st.transitions(before.get("conditions"), new.get("conditions", [])))
 
 
-def fresh_child(pytorchjob: Mapping[str, Any]) -> bool:
-    """A PyTorchJob just created and not suspended, that nobody has reported on yet: its
+def fresh_child(child: Mapping[str, Any]) -> bool:
+    """A workload just created and not suspended, that nobody has reported on yet: its
     ADDED event carries nothing its creator did not see (relists arrive with no type, and a
     queued, suspended one still goes through: its owner must say Suspended)."""
-    summary = st.summarize_pytorchjob(pytorchjob)
+    backend = bk.backend_of(child)
+    if backend is None:
+        return False
+    summary = st.summarize_child(backend.name, child)
     return st.blank_summary(summary) and not summary["suspend"]
 
 
@@ -330,14 +388,21 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
     """Read (kopf's body) -> decide (reconcile_job: render, checks, apply) -> write status once,
     and post the Events of what was written."""
     job, when = as_job(body), now()
-    with api_errors(getattr(memo, "retry_delay", RETRY_DELAY)):
-        outcome = reconcile_job(memo.kube, job, memo.render_settings)
+    delay = getattr(memo, "retry_delay", RETRY_DELAY)
+    with api_errors(delay):
+        outcome = reconcile_job(memo.kube, job, memo.render_settings, getattr(memo, "discovery", None))
         spec_suspend = (job.get("spec") or {}).get("suspend") is True
         written = write_status(memo.kube, job, reconcile_fields(outcome, spec_suspend, when), logger)
     before, after = written if written is not None else (job.get("status") or {}, job.get("status") or {})
-    announce(job, owner_events(before, {**before, **after}, outcome.acceptance))
+    events = owner_events(before, {**before, **after}, outcome.acceptance)
+    if outcome.choice is not None and after.get("backend") and not before.get("backend"):
+        events.insert(0, st.Transition("Backend", st.TRUE, REASON_BACKEND_SELECTED,
+                                       f"runs as a {outcome.choice.backend.kind} ({outcome.choice.how})"))
+    announce(job, events)
     if "stats" in memo:
         memo.stats["reconciles"] += 1
+    if outcome.waiting:  # kopf retries; the job proceeds once the CRD is served
+        raise kopf.TemporaryError(outcome.acceptance.message, delay=delay)
     logger.info(f"{outcome.acceptance.reason}: " + ", ".join(f"{k} {n} {a}" for k, n, a in outcome.applied))
 
 
@@ -348,13 +413,19 @@ def owner_needs_sync(type: str | None, body: kopf.Body, **_: Any) -> bool:
     return type != "DELETED" and not (type == "ADDED" and fresh_child(body))
 
 
-@kopf.on.event(*PYTORCHJOBS, labels={LABEL_JOB_NAME: kopf.PRESENT}, when=owner_needs_sync)
-def pytorchjob_event(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    """Mirror the PyTorchJob's state onto its FineTuneJob (a relist every watch restart resyncs)."""
+def workload_event(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Mirror the workload's state onto its FineTuneJob (a relist every watch restart resyncs)."""
     try:
         sync_owner_status(memo.kube, as_job(body), logger)
     except ApiError as err:
         logger.warning(f"could not update the FineTuneJob's status: {err}")
+
+
+# One watch per backend kind, all labelled children. kopf watches a kind only while the API
+# serves it (it follows CustomResourceDefinitions), so a CRD installed later is picked up.
+for _backend in bk.BACKENDS.values():
+    kopf.on.event(_backend.group, _backend.version, _backend.plural, id=f"{_backend.name}_event",
+                  labels={LABEL_JOB_NAME: kopf.PRESENT}, when=owner_needs_sync)(workload_event)
 
 
 def connection_info(configuration: Any) -> kopf.ConnectionInfo:

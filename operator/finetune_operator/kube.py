@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_trainer.contract import PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND, PYTORCHJOB_PLURAL
+from finetune_trainer import contract as c
 
 from .spec import API_VERSION, KIND, PLURAL
 
@@ -28,7 +28,9 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Namespace"): "namespaces",
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
-    (PYTORCHJOB_API_VERSION, PYTORCHJOB_KIND): PYTORCHJOB_PLURAL,
+    (c.PYTORCHJOB_API_VERSION, c.PYTORCHJOB_KIND): c.PYTORCHJOB_PLURAL,
+    (c.TRAINJOB_API_VERSION, c.TRAINJOB_KIND): c.TRAINJOB_PLURAL,
+    (c.JOBSET_API_VERSION, c.JOBSET_KIND): c.JOBSET_PLURAL,
     (API_VERSION, KIND): PLURAL,
 }
 CLUSTER_SCOPED = {("v1", "Namespace")}
@@ -215,6 +217,11 @@ class Kube:
     ) -> list[dict[str, Any]]:
         query = [("labelSelector", label_selector)] if label_selector else []
         return list(self._call("GET", resource_path(api_version, kind, namespace), query=query).get("items") or [])
+
+    def discover(self, api_version: str) -> list[dict[str, Any]]:
+        """The resources one group/version serves (its APIResourceList); 404: not served."""
+        base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        return list(self._call("GET", base).get("resources") or [])
 
     def create(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         meta = manifest.get("metadata") or {}

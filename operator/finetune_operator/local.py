@@ -1,9 +1,18 @@
-"""`finetune run`: the PyTorchJob that render() makes, run as processes on this machine.
+"""`finetune run`: the workload that render() makes, run as processes on this machine.
 
-Each replica (Master, then Workers) becomes one process with the container's command and
-environment plus what the Kubeflow training operator would inject (MASTER_ADDR=127.0.0.1,
-a free MASTER_PORT, WORLD_SIZE, RANK and torchrun's PET_* variables), so a laptop runs the
-cluster's code path: same config file, same launcher, same rendezvous.
+Each pod (a PyTorchJob's Master then Workers; a JobSet's or TrainJob's Indexed pods 0..n-1)
+becomes one process with the container's command and environment plus what that backend's
+controllers would inject, so a laptop runs the cluster's code path for each env contract
+(contract.py): same config file, same launcher, same rendezvous.
+
+- pytorchjob: the training operator's MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and PET_*;
+- jobset: the env the operator rendered, with its downward-API fields resolved as the kubelet
+  would for that pod (PET_NODE_RANK from the Job completion index annotation), plus the Job
+  controller's JOB_COMPLETION_INDEX;
+- trainjob: the torch plug-in's PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_*.
+
+The rendezvous host is 127.0.0.1 where a cluster would give a pod's DNS name (the JobSet
+hostname <job>-node-0-0.<job> does not resolve here), and the port a free one.
 
 What differs from a pod, and why:
 - the config is the ConfigMap's, written to <run dir>/<replica>/config.yaml, with the
@@ -22,6 +31,7 @@ with that replica's code, else with the Master's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -50,10 +60,10 @@ POD_ONLY_ENV = {c.ENV_HF_HOME, c.ENV_STATUS_URL, c.ENV_STATUS_TOKEN_FILE, c.ENV_
 
 @dataclass
 class LocalReplica:
-    """One process of a local run: a PyTorchJob replica with the env a pod would have."""
+    """One process of a local run: a pod of the workload with the env that pod would have."""
 
-    name: str  # master-0, worker-0, worker-1, ...
-    rank: int  # the pod's index: Master 0, Worker i -> i + 1 (the training operator's RANK)
+    name: str  # master-0, worker-0, ... (PyTorchJob); node-0, node-1, ... (JobSet, TrainJob)
+    rank: int  # the pod's index: Master 0, Worker i -> i + 1; an Indexed Job's completion index
     argv: list[str]
     env: dict[str, str]
     config_path: Path
@@ -76,12 +86,7 @@ def free_port() -> int:
 def local_settings(job: dict[str, Any], run_dir: Path, settings: RenderSettings) -> RenderSettings:
     """The operator's settings for this machine: no status API, storage under the run dir."""
     storage = settings.default_storage or StorageSpec(uri=f"file://{run_dir.resolve()}/storage")
-    return RenderSettings(
-        trainer_image=settings.trainer_image,
-        default_storage=storage,
-        forbid_trust_remote_code=settings.forbid_trust_remote_code,
-        status_api_url=None,
-    )
+    return dataclasses.replace(settings, default_storage=storage, status_api_url=None)
 
 
 def plan(
@@ -93,34 +98,24 @@ def plan(
     base_dir: Path | None = None,
     master_port: int | None = None,
 ) -> LocalPlan:
-    """Render the job and turn its PyTorchJob into local processes (writes the configs)."""
+    """Render the job and turn its workload's pods into local processes (writes the configs)."""
     base_env = dict(os.environ if base_env is None else base_env)
-    manifests = {m["kind"]: m for m in render(job, local_settings(job, run_dir, settings))}
-    pytorch_job, config_map = manifests["PyTorchJob"], manifests["ConfigMap"]
-    replica_specs = pytorch_job["spec"]["pytorchReplicaSpecs"]
-    nproc = int(pytorch_job["spec"]["nprocPerNode"])
-    workers = replica_specs.get("Worker", {}).get("replicas", 0)
-    nodes = 1 + workers
+    local = local_settings(job, run_dir, settings)
+    manifests = render(job, local, local.offline_backend((job.get("spec") or {}).get("backend")))
+    workload, config_map = manifests[-1], manifests[0]
     port = master_port or free_port()
     config = parse_yaml(config_map["data"][c.CONFIG_FILE])
     _absolute_deepspeed_path(config, base_dir or Path.cwd())
 
     replicas = []
-    for rank in range(nodes):
-        replica_type = "Master" if rank == 0 else "Worker"
-        name = "master-0" if rank == 0 else f"worker-{rank - 1}"
-        folder = run_dir / name
+    for pod in local_pods(workload, port):
+        folder = run_dir / pod.name
         folder.mkdir(parents=True, exist_ok=True)
         config["output"]["output_dir"] = str((folder / "output").resolve())
         config_path = (folder / c.CONFIG_FILE).resolve()
         config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-        container = replica_specs[replica_type]["template"]["spec"]["containers"][0]
-        env = {
-            **base_env,
-            **pod_env(container["env"], base_env, config_path),
-            **training_operator_env(rank=rank, nodes=nodes, nproc=nproc, port=port),
-        }
-        replicas.append(LocalReplica(name, rank, local_command(container["command"], config_path), env, config_path))
+        env = {**base_env, **pod_env(pod.env, base_env, config_path, pod.metadata), **pod.injected}
+        replicas.append(LocalReplica(pod.name, pod.index, local_command(pod.command, config_path), env, config_path))
     storage = config["output"]["storage_uri"]
     grace = job["spec"].get("termination_grace_period_seconds") or 300
     return LocalPlan(replicas, run_dir, storage, grace)
@@ -133,16 +128,75 @@ def _absolute_deepspeed_path(config: dict[str, Any], base_dir: Path) -> None:
         config["distributed"]["deepspeed_config"] = str((base_dir / ds).resolve())
 
 
-def pod_env(entries: list[dict[str, Any]], base_env: Mapping[str, str], config_path: Path) -> dict[str, str]:
-    """The container's env on this machine: values as given, Secret references from this
-    shell (when set), the config path pointing at the local file."""
+@dataclass
+class LocalPod:
+    """One pod of the workload as its controllers would make it: its index, the container's
+    command and env as rendered, the pod's labels/annotations (what downward-API env reads),
+    and the env the backend's controllers inject."""
+
+    name: str
+    index: int
+    command: list[str]
+    env: list[dict[str, Any]]
+    metadata: dict[str, Any]
+    injected: dict[str, str]
+
+
+def local_pods(workload: Mapping[str, Any], port: int) -> list[LocalPod]:
+    """The workload's pods, per backend (see the module docstring)."""
+    kind, spec = workload["kind"], workload["spec"]
+    if kind == c.PYTORCHJOB_KIND:
+        replica_specs = spec["pytorchReplicaSpecs"]
+        nproc = int(spec["nprocPerNode"])
+        nodes = 1 + replica_specs.get("Worker", {}).get("replicas", 0)
+        pods = []
+        for rank in range(nodes):
+            box = replica_specs["Master" if rank == 0 else "Worker"]["template"]["spec"]["containers"][0]
+            pods.append(LocalPod("master-0" if rank == 0 else f"worker-{rank - 1}", rank, box["command"], box["env"],
+                                 {}, training_operator_env(rank=rank, nodes=nodes, nproc=nproc, port=port)))
+        return pods
+    if kind == c.JOBSET_KIND:
+        job = spec["replicatedJobs"][0]
+        box = job["template"]["spec"]["template"]["spec"]["containers"][0]
+        return [LocalPod(f"node-{i}", i, box["command"], box["env"], {
+            "labels": {c.JOBSET_NAME_LABEL: workload["metadata"]["name"]},
+            "annotations": {c.JOB_COMPLETION_INDEX_ANNOTATION: str(i)},
+        }, {c.ENV_JOB_COMPLETION_INDEX: str(i), c.ENV_PET_MASTER_ADDR: "127.0.0.1", c.ENV_PET_MASTER_PORT: str(port),
+            c.ENV_PYTHONUNBUFFERED: "1"}) for i in range(int(job["template"]["spec"]["completions"]))]
+    if kind == c.TRAINJOB_KIND:
+        trainer = spec["trainer"]
+        nodes, nproc = int(trainer["numNodes"]), int(trainer["numProcPerNode"])
+        return [LocalPod(f"node-{i}", i, trainer["command"], trainer["env"], {}, {
+            c.ENV_PET_NNODES: str(nodes), c.ENV_PET_NPROC_PER_NODE: str(nproc), c.ENV_PET_NODE_RANK: str(i),
+            c.ENV_PET_MASTER_ADDR: "127.0.0.1", c.ENV_PET_MASTER_PORT: str(port), c.ENV_JOB_COMPLETION_INDEX: str(i),
+            c.ENV_PYTHONUNBUFFERED: "1"}) for i in range(nodes)]
+    raise ValueError(f"no local mode for {kind}")
+
+
+def field_ref(path: str, metadata: Mapping[str, Any]) -> str | None:
+    """A downward-API fieldPath (metadata.labels['k'], metadata.annotations['k']) on `metadata`."""
+    for section in ("labels", "annotations"):
+        prefix = f"metadata.{section}['"
+        if path.startswith(prefix) and path.endswith("']"):
+            return (metadata.get(section) or {}).get(path[len(prefix):-2])
+    return None
+
+
+def pod_env(entries: list[dict[str, Any]], base_env: Mapping[str, str], config_path: Path,
+            metadata: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The container's env on this machine: values as given, downward-API fields from the
+    pod's metadata, Secret references from this shell (when set), the config path pointing
+    at the local file."""
     out = {}
     for entry in entries:
         name = entry["name"]
         if name in POD_ONLY_ENV:
             continue
+        ref = ((entry.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
         if "value" in entry:
             out[name] = entry["value"]
+        elif ref and (value := field_ref(ref, metadata or {})) is not None:
+            out[name] = value
         elif name in base_env:  # valueFrom: a Secret in the cluster, this shell's variable here
             out[name] = base_env[name]
     out[c.ENV_CONFIG] = str(config_path)

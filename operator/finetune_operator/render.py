@@ -1,13 +1,15 @@
 """FineTuneJob -> the Kubernetes objects that run it. Pure: same job, same settings, same output.
 
-    render(job, settings) -> [ConfigMap, ServiceAccount, Role, RoleBinding, PyTorchJob]
+    render(job, settings, backend) -> [ConfigMap, ServiceAccount, Role, RoleBinding, workload]
 
-The operator applies these, `finetune render` prints them and `finetune run` executes the
-PyTorchJob's replicas as local processes. No clock, no environment, no kopf: the trainer
-image, default storage and policy come in through RenderSettings. One builder per kind;
-names are deterministic (`<job>-config`, `<job>-trainer`, `<job>`) and every object is
-owned by the FineTuneJob, so a retry never makes a twin and deleting the job deletes them
-(the checkpoints in object storage stay).
+The workload is the backend's kind (a PyTorchJob, TrainJob or JobSet, built in workloads.py);
+everything else (the ConfigMap, per-job RBAC, the env contract, volumes, scheduling, Secrets
+by reference, the grace period, labels) is shared, here. The operator applies these, `finetune
+render` prints them and `finetune run` executes the workload's pods as local processes. No
+clock, no environment, no kopf: the trainer image, default storage and policy come in through
+RenderSettings. One builder per kind; names are deterministic (`<job>-config`, `<job>-trainer`,
+`<job>`) and every object is owned by the FineTuneJob, so a retry never makes a twin and
+deleting the job deletes them (the checkpoints in object storage stay).
 
 An invalid job raises ConfigError with every problem (dotted `spec.` paths) and renders
 nothing: the spec's own checks (validate_manifest) plus what only a cluster cares about
@@ -29,6 +31,7 @@ from finetune_trainer.config import ConfigError, ConfigIssue, FineTuneConfig, Lo
 from finetune_trainer.config.schema import SECTIONS
 
 from finetune_trainer import contract as c
+from .backends import BACKENDS, JOBSET, PYTORCHJOB, TRAINJOB, Backend, parse_enabled
 from .manifest import validate_manifest
 from .spec import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec, StorageSpec
 
@@ -53,6 +56,9 @@ class RenderSettings:
     backoff_limit: int = 3  # retries of retryable exits (128-255) before the job fails
     output_dir: str = c.OUTPUT_DIR  # output.output_dir in the pods
     extra_labels: dict[str, str] = field(default_factory=dict)
+    default_backend: str = c.BACKEND_AUTO  # for jobs without spec.backend
+    enabled_backends: tuple[str, ...] = c.BACKENDS  # the kinds this operator may create (its RBAC)
+    trainjob_runtime: str = c.DEFAULT_TRAINING_RUNTIME  # for TrainJobs whose spec names none
 
     @classmethod
     def from_args(cls, args: Any) -> RenderSettings:
@@ -63,14 +69,24 @@ class RenderSettings:
             trainer_image=getattr(args, "trainer_image", None) or DEFAULT_TRAINER_IMAGE,
             default_storage=StorageSpec(uri=uri, credentials_secret=secret) if uri else None,
             forbid_trust_remote_code=bool(getattr(args, "forbid_trust_remote_code", False)),
+            default_backend=getattr(args, "default_backend", None) or c.BACKEND_AUTO,
+            enabled_backends=parse_enabled(getattr(args, "backends", None)),
+            trainjob_runtime=getattr(args, "trainjob_runtime", None) or c.DEFAULT_TRAINING_RUNTIME,
         )
+
+    def offline_backend(self, spec_backend: str | None) -> str:
+        """The backend without a cluster to ask (`finetune render`, `finetune run`): the one
+        named, else PyTorchJob for auto (what a cluster with only Training Operator v1 gets)."""
+        wanted = spec_backend or self.default_backend
+        return c.BACKEND_PYTORCHJOB if wanted == c.BACKEND_AUTO else wanted
 
 
 # --------------------------------------------------------------------------------- checks
 
 
-def check(job: dict[str, Any], settings: RenderSettings) -> LoadedConfig:
-    """The job's spec, checked like `finetune validate` does plus the cluster's own rules."""
+def check(job: dict[str, Any], settings: RenderSettings, backend: Backend | None = None) -> LoadedConfig:
+    """The job's spec, checked like `finetune validate` does plus the cluster's own rules
+    (and, given the backend it will run on, what that backend cannot do)."""
     raw_spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
     raw_name = (job.get("metadata") or {}).get("name") if isinstance(job.get("metadata"), dict) else None
     untyped = [*name_issues(raw_name), *env_issues(raw_spec.get("env"))]  # need no valid spec: reported with its errors
@@ -80,7 +96,8 @@ def check(job: dict[str, Any], settings: RenderSettings) -> LoadedConfig:
         known = {e.path for e in exc.errors}
         raise ConfigError(exc.errors + [i for i in untyped if i.path not in known], exc.warnings) from None
     spec: FineTuneJobSpec = loaded.config  # type: ignore[assignment]
-    issues = [*untyped, *policy_issues(spec, settings), *resource_issues(spec), *storage_issues(spec, settings)]
+    issues = [*untyped, *policy_issues(spec, settings), *resource_issues(spec), *storage_issues(spec, settings),
+              *(backend_issues(spec, backend) if backend else [])]
     if issues:
         raise ConfigError(issues, loaded.warnings)
     return loaded
@@ -133,6 +150,16 @@ def resource_issues(spec: FineTuneJobSpec) -> list[ConfigIssue]:
     ]
 
 
+def backend_issues(spec: FineTuneJobSpec, backend: Backend) -> list[ConfigIssue]:
+    """What a backend's API cannot carry. A TrainJob's runtimePatches may set only some pod
+    fields (serviceAccountName, volumes, securityContext, scheduling, the grace period)."""
+    if backend is TRAINJOB and spec.priority_class_name:
+        return [ConfigIssue("spec.priority_class_name", "the trainjob backend cannot set a PriorityClass (Trainer "
+                            "v2's runtimePatches do not allow it): set it in the ClusterTrainingRuntime, remove it "
+                            "here, or use spec.backend jobset or pytorchjob")]
+    return []
+
+
 def storage_issues(spec: FineTuneJobSpec, settings: RenderSettings) -> list[ConfigIssue]:
     issues = []
     if spec.output.storage_uri is not None:
@@ -147,11 +174,17 @@ def storage_issues(spec: FineTuneJobSpec, settings: RenderSettings) -> list[Conf
 # ----------------------------------------------------------------------------------- render
 
 
-def render(job: dict[str, Any], settings: RenderSettings) -> list[dict[str, Any]]:
-    """Every child object of the job, in apply order (RBAC before the pods that use it)."""
-    spec: FineTuneJobSpec = check(job, settings).config  # type: ignore[assignment]
-    ctx = _Context.of(job, spec, settings)
-    return [config_map(ctx), service_account(ctx), role(ctx), role_binding(ctx), pytorch_job(ctx)]
+def render(job: dict[str, Any], settings: RenderSettings, backend: str | None = None) -> list[dict[str, Any]]:
+    """Every child object of the job, in apply order (the ConfigMap, which records the
+    backend, first; RBAC before the pods that use it; the workload last). `backend`: the
+    chosen one (backends.choose); None: spec.backend or the default, auto read as pytorchjob."""
+    from .workloads import workload
+
+    spec_backend = (job.get("spec") or {}).get("backend") if isinstance(job.get("spec"), dict) else None
+    chosen = BACKENDS[backend or settings.offline_backend(spec_backend if isinstance(spec_backend, str) else None)]
+    spec: FineTuneJobSpec = check(job, settings, chosen).config  # type: ignore[assignment]
+    ctx = _Context.of(job, spec, settings, chosen)
+    return [config_map(ctx), service_account(ctx), role(ctx), role_binding(ctx), workload(ctx)]
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
@@ -179,14 +212,22 @@ class _Context:
     settings: RenderSettings
     storage: StorageSpec
     spec_hash: str
+    backend: Backend = PYTORCHJOB
 
     @classmethod
-    def of(cls, job: dict[str, Any], spec: FineTuneJobSpec, settings: RenderSettings) -> _Context:
+    def of(cls, job: dict[str, Any], spec: FineTuneJobSpec, settings: RenderSettings,
+           backend: Backend = PYTORCHJOB) -> _Context:
         meta = job["metadata"]
         storage = spec.storage or settings.default_storage
         assert storage is not None  # storage_issues refused the job otherwise
         return cls(meta["name"], meta.get("namespace") or "default", meta.get("uid"), spec, settings, storage,
-                   spec_hash(job["spec"]))
+                   spec_hash(job["spec"]), backend)
+
+    @property
+    def torchrun(self) -> bool:
+        """Under TrainJob and JobSet the pods always start torchrun, which reads the PET_*
+        variables; a one-process PyTorchJob pod runs the trainer itself (RANK from the operator)."""
+        return self.backend is not PYTORCHJOB or self.nproc_per_node > 1
 
     @property
     def nproc_per_node(self) -> int:
@@ -202,7 +243,7 @@ class _Context:
             "name": name,
             "namespace": self.namespace,
             "labels": {**self.labels(), **(labels or {})},
-            "annotations": {c.ANNOTATION_SPEC_HASH: self.spec_hash},
+            "annotations": {c.ANNOTATION_SPEC_HASH: self.spec_hash, c.ANNOTATION_BACKEND: self.backend.name},
         }
         if self.uid:
             meta["ownerReferences"] = [owner_reference(self.name, self.uid)]
@@ -267,33 +308,7 @@ def role_binding(ctx: _Context) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------------ PyTorchJob
-
-
-def pytorch_job(ctx: _Context) -> dict[str, Any]:
-    """Master (1) + Worker (nodes - 1). restartPolicy ExitCode: the trainer's 1-127 fail the
-    job, 128+ (preempted after saving) are retried up to backoffLimit."""
-    spec = ctx.spec
-    labels = {c.LABEL_KUEUE_QUEUE: spec.queue_name} if spec.queue_name else {}
-    replicas = {"Master": _replica(ctx, 1)}
-    if spec.nodes > 1:
-        replicas["Worker"] = _replica(ctx, spec.nodes - 1)
-    return {
-        "apiVersion": c.PYTORCHJOB_API_VERSION,
-        "kind": c.PYTORCHJOB_KIND,
-        "metadata": ctx.metadata(ctx.name, labels),
-        "spec": {
-            "nprocPerNode": str(ctx.nproc_per_node),
-            # Kueue admits a queued job by unsuspending it, so a queued job starts suspended.
-            "runPolicy": {"suspend": spec.suspend or spec.queue_name is not None,
-                          "backoffLimit": ctx.settings.backoff_limit},
-            "pytorchReplicaSpecs": replicas,
-        },
-    }
-
-
-def _replica(ctx: _Context, count: int) -> dict[str, Any]:
-    return {"replicas": count, "restartPolicy": "ExitCode", "template": pod_template(ctx)}
+# ------------------------------------------------------------------------- the pods (shared)
 
 
 def pod_template(ctx: _Context) -> dict[str, Any]:
@@ -332,14 +347,14 @@ def container(ctx: _Context) -> dict[str, Any]:
     return {
         "name": c.CONTAINER_NAME,
         "image": ctx.spec.image or ctx.settings.trainer_image,
-        "command": list(trainer_command(ctx.nproc_per_node)),
+        "command": list(c.TORCHRUN_COMMAND if ctx.torchrun else c.TRAINER_COMMAND),
         "workingDir": c.WORK_DIR,
         # The trainer's last lines (the error a user must read) become the container's
         # termination message, which the Failed condition quotes.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": env(ctx),
         "resources": resources(ctx.spec),
-        "ports": [{"name": c.MASTER_PORT_NAME, "containerPort": c.MASTER_PORT, "protocol": "TCP"}],
+        "ports": [{"name": c.MASTER_PORT_NAME, "containerPort": c.MASTER_PORT, "protocol": "TCP"}],  # torchrun's rendezvous
         "volumeMounts": [
             {"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": c.SHM_DIR},
@@ -358,12 +373,6 @@ def container(ctx: _Context) -> dict[str, Any]:
     }
 
 
-def trainer_command(nproc_per_node: int) -> tuple[str, ...]:
-    """One process per pod: the trainer itself (its exit code reaches the training
-    operator unchanged). More: torchrun starts them from the PET_* variables."""
-    return c.TRAINER_COMMAND if nproc_per_node == 1 else c.TORCHRUN_COMMAND
-
-
 def resources(spec: FineTuneJobSpec) -> dict[str, Any]:
     """The user's requests/limits plus the GPUs (a limit; Kubernetes copies it to requests)."""
     out = {kind: dict(spec.resources[kind]) for kind in ("requests", "limits") if spec.resources.get(kind)}
@@ -374,6 +383,19 @@ def resources(spec: FineTuneJobSpec) -> dict[str, Any]:
 
 def _value(name: str, value: str | int) -> dict[str, Any]:
     return {"name": name, "value": str(value)}
+
+
+def jobset_rendezvous_env(ctx: _Context) -> list[dict[str, Any]]:
+    """Under JobSet nobody injects torch.distributed's variables: set them from what JobSet
+    guarantees (the first pod's DNS name; each pod's Job completion index), contract.py."""
+    return [
+        _value(c.ENV_PET_NNODES, ctx.spec.nodes),
+        _value(c.ENV_PET_NPROC_PER_NODE, ctx.nproc_per_node),
+        _value(c.ENV_PET_MASTER_ADDR, c.jobset_master_addr(ctx.name)),
+        _value(c.ENV_PET_MASTER_PORT, c.MASTER_PORT),
+        {"name": c.ENV_PET_NODE_RANK, "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.annotations['{c.JOB_COMPLETION_INDEX_ANNOTATION}']"}}},
+    ]
 
 
 def _secret(name: str, secret: str, key: str) -> dict[str, Any]:
@@ -396,10 +418,12 @@ def env(ctx: _Context) -> list[dict[str, Any]]:
             _value(c.ENV_STATUS_TOKEN_FILE, settings.status_token_file),
             _value(c.ENV_STATUS_CA_FILE, settings.status_ca_file),
         ]
-    if ctx.nproc_per_node == 1:
+    if not ctx.torchrun:
         out += [_value(c.ENV_LOCAL_RANK, 0), _value(c.ENV_LOCAL_WORLD_SIZE, 1)]
     else:  # leave torchrun's workers most of the grace period to save on SIGTERM
         out.append(_value(c.ENV_TORCHRUN_SHUTDOWN_TIMEOUT, max(spec.termination_grace_period_seconds - 10, 1)))
+    if ctx.backend is JOBSET:
+        out += jobset_rendezvous_env(ctx)
     if spec.hf_token_secret:
         out.append(_secret(c.ENV_HF_TOKEN, spec.hf_token_secret.name, spec.hf_token_secret.key))
     if storage.credentials_secret:

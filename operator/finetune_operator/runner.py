@@ -110,9 +110,12 @@ def operator_settings(*, peering: str | None, standalone: bool, workers: int = W
 
 def make_memo(kube: Kube, render_settings: RenderSettings, *, retry_delay: float = RETRY_DELAY) -> kopf.Memo:
     """What every handler gets as `memo` (kopf gives each object a shallow copy, so the
-    counters live in a shared dict): the API client, the render settings, counters."""
+    counters live in a shared dict): the API client, the render settings, counters, and the
+    discovery cache `auto` asks which backends the cluster serves."""
+    from .backends import Discovery
+
     return kopf.Memo(kube=kube, render_settings=render_settings, retry_delay=retry_delay,
-                     stats=collections.Counter())
+                     stats=collections.Counter(), discovery=Discovery())
 
 
 def operator_kwargs(

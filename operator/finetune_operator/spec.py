@@ -7,13 +7,15 @@ checks a manifest exactly as the operator will, and the CRD is generated from th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from finetune_trainer.config.schema import FineTuneConfig, NonEmptyStr, Section
 
 from finetune_trainer.contract import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAME, VERSION  # noqa: F401 (re-exported)
+
+BackendName = Literal["auto", "pytorchjob", "trainjob", "jobset"]  # contract.BACKEND_AUTO + contract.BACKENDS
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
@@ -75,6 +77,19 @@ class FineTuneJobSpec(FineTuneConfig):
     suspend: bool = Field(default=False, description="Suspend the job: no pods run until it is set to false.")
     queue_name: NonEmptyStr | None = Field(
         default=None, description="Kueue LocalQueue name (kueue.x-k8s.io/queue-name label)."
+    )
+    backend: BackendName | None = Field(
+        default=None,
+        description="Workload API the pods run under: pytorchjob (Kubeflow Training Operator v1), trainjob "
+        "(Kubeflow Trainer v2), jobset (JobSet), or auto (API discovery picks TrainJob, then JobSet, then "
+        "PyTorchJob). Default: the operator's --default-backend (chart value backend.default). The choice "
+        "is recorded in status.backend when the job starts and never changes for that job.",
+    )
+    training_runtime: NonEmptyStr | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$",
+        description="trainjob backend: the ClusterTrainingRuntime the TrainJob references. Default: the "
+        "operator's --trainjob-runtime (torch-distributed, the runtime Kubeflow Trainer v2 installs).",
     )
     termination_grace_period_seconds: int = Field(
         default=300, ge=30, description="Time the trainer gets on SIGTERM to save and upload a checkpoint."

@@ -1,4 +1,4 @@
-"""A FineTuneJob's status, derived once: (acceptance, spec, PyTorchJob, pods, progress) -> status.
+"""A FineTuneJob's status, derived once: (acceptance, spec, workload, pods, progress) -> status.
 
 Pure functions only, so the whole mapping is a table test. The handlers feed them what they
 read and write what they return (through the `/status` subresource).
@@ -13,9 +13,11 @@ lastTransitionTime changing only when status changes, observedGeneration) and ks
   for hours of training), Reconciling (something in flight), Stalled (invalid or failed).
 
 Completion is `Succeeded=True` (what `kubectl wait --for=condition=Succeeded` reads).
-The PyTorchJob reports only replica counts, never exit codes; the exit code and the trainer's
-termination message come from the pods (`exit_from_pods`), falling back to a code quoted in the
-PyTorchJob's message. Under `restartPolicy: ExitCode`, 1-127 are permanent and 128-255 retried.
+The child (PyTorchJob, TrainJob or JobSet) is first read into one vocabulary, the PyTorchJob's
+conditions (`summarize_child`: Created, Running, Restarting, Succeeded, Failed, Suspended), so
+the table is the same for every backend. No child reports exit codes; the exit code and the
+trainer's termination message come from the pods (`exit_from_pods`), falling back to a code
+quoted in the child's message. 1-127 are permanent and 128-255 retried (contract.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_trainer.contract import CONTAINER_NAME as PYTORCH_CONTAINER
-from finetune_trainer.contract import REPLICA_TYPE_LABEL, exit_code_is_retryable
+from finetune_trainer.contract import JOB_COMPLETION_INDEX_ANNOTATION, REPLICA_TYPE_LABEL, exit_code_is_retryable
 
 # ------------------------------------------------------------------ condition types and values
 
@@ -50,6 +52,8 @@ REASON_PENDING = "Pending"  # not validated yet
 REASON_VALID = "Valid"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_SPEC_CHANGE_REJECTED = "SpecChangeRejected"
+REASON_BACKEND_NOT_INSTALLED = "BackendNotInstalled"  # the chosen kind's CRD is not served: retried
+REASON_BACKEND_NOT_ENABLED = "BackendNotEnabled"  # spec.backend names a kind this operator may not create
 REASON_NEW_GENERATION = "NewGeneration"
 REASON_SUSPENDED = "Suspended"
 REASON_NOT_SUSPENDED = "NotSuspended"
@@ -73,6 +77,7 @@ REASON_AS_EXPECTED = "AsExpected"
 # phase: a one-word summary for printer columns only
 PHASE_PENDING = "Pending"
 PHASE_INVALID = "Invalid"
+PHASE_WAITING = "Waiting"  # for its backend's CRD to be installed
 PHASE_STARTING = "Starting"
 PHASE_RUNNING = "Running"
 PHASE_RESTARTING = "Restarting"
@@ -117,6 +122,11 @@ class Acceptance:
             "and the new run resumes from them).",
             generation,
         )
+
+    @classmethod
+    def refused(cls, generation: int, reason: str, message: str) -> Acceptance:
+        """A valid spec no backend can run now (backends.choose's Refusal)."""
+        return cls(FALSE, reason, message, generation)
 
     @classmethod
     def pending(cls, generation: int) -> Acceptance:
@@ -172,7 +182,8 @@ class JobState:
     succeeded: bool = False
     failed: bool = False
     suspended: bool = False  # the PyTorchJob reports Suspended=True
-    suspend_requested: bool = False  # its runPolicy.suspend
+    suspend_requested: bool = False  # its runPolicy.suspend (spec.suspend of a TrainJob, JobSet)
+    kind: str = "PyTorchJob"  # for messages
     messages: tuple[tuple[str, str], ...] = ()
     replicas: tuple[tuple[str, int, int, int], ...] = ()  # (type, active, succeeded, failed)
 
@@ -202,32 +213,129 @@ def job_state(summary: Mapping[str, Any] | None) -> JobState:
         failed="Failed" in true,
         suspended="Suspended" in true,
         suspend_requested=bool(summary.get("suspend")),
+        kind=str(summary.get("kind") or "PyTorchJob"),
         messages=tuple(sorted(true.items())),
         replicas=replicas,
     )
 
 
 def summarize_pytorchjob(pytorchjob: Mapping[str, Any], exit_info: ExitInfo | None = None) -> dict[str, Any]:
-    """What status.pytorchJob records of the child: its conditions, replica counts, whether
+    """What status.workload records of a PyTorchJob: its conditions, replica counts, whether
     it is suspended, and the trainer's last non-zero exit. Both writers of our status (the
-    FineTuneJob's reconcile and the PyTorchJob's watch) derive conditions from this record."""
+    FineTuneJob's reconcile and the child's watch) derive conditions from this record."""
     status = pytorchjob.get("status") or {}
-    out: dict[str, Any] = {
-        "name": (pytorchjob.get("metadata") or {}).get("name", ""),
-        "suspend": bool(((pytorchjob.get("spec") or {}).get("runPolicy") or {}).get("suspend")),
-        "conditions": [
+    return _summary(
+        "pytorchjob", pytorchjob,
+        suspend=bool(((pytorchjob.get("spec") or {}).get("runPolicy") or {}).get("suspend")),
+        conditions=[
             {k: c[k] for k in ("type", "status", "reason", "message") if k in c} for c in status.get("conditions") or []
         ],
-        "replicaStatuses": {
+        replicas={
             rtype: {k: r[k] for k in ("active", "succeeded", "failed") if k in r}
             for rtype, r in (status.get("replicaStatuses") or {}).items()
         },
-    }
+        exit_info=exit_info,
+    )
+
+
+def _summary(backend: str, child: Mapping[str, Any], *, suspend: bool, conditions: list[dict[str, Any]],
+             replicas: Mapping[str, Any], exit_info: ExitInfo | None, **extra: Any) -> dict[str, Any]:
+    meta = child.get("metadata") or {}
+    out: dict[str, Any] = {"backend": backend, "kind": str(child.get("kind") or KINDS[backend]), "name": meta.get("name", ""),
+                           "suspend": suspend, "conditions": conditions, "replicaStatuses": dict(replicas), **extra}
     if exit_info is not None:
         out["lastExit"] = {
             "exitCode": exit_info.exit_code, "reason": exit_info.reason, "message": exit_info.message, "pod": exit_info.pod
         }
     return out
+
+
+def _true(ctype: str, reason: str, message: str) -> dict[str, str]:
+    return {"type": ctype, "status": TRUE, "reason": reason, "message": message}
+
+
+def _true_conditions(child: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {str(c.get("type")): c for c in (child.get("status") or {}).get("conditions") or [] if c.get("status") == TRUE}
+
+
+def _jobs_counts(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    return {str(r.get("name") or ""): {k: int(r.get(k) or 0) for k in ("active", "ready", "succeeded", "failed", "suspended")}
+            for r in rows}
+
+
+def _running_conditions(counts: Mapping[str, Mapping[str, int]], *, reported: bool, terminal: bool,
+                        suspended: bool, restarting: str) -> list[dict[str, str]]:
+    """Created once its controller reported anything; Running once every pod of a child Job is
+    ready; Restarting (with its message) while the group comes back from a failure; neither of
+    the two once it ended."""
+    out = [_true("Created", "Created", "created")] if reported else []
+    if terminal or suspended:
+        return out
+    ready = sum(r["ready"] for r in counts.values())
+    if restarting:
+        out.append(_true("Restarting", "Restarting", restarting))
+    elif ready > 0:
+        out.append(_true("Running", "Running", "the trainer pods run"))
+    return out
+
+
+def summarize_jobset(jobset: Mapping[str, Any], exit_info: ExitInfo | None = None) -> dict[str, Any]:
+    """A JobSet, read into the PyTorchJob's condition vocabulary the table speaks: its
+    terminalState (or Completed/Failed conditions), Suspended, `restarts` (the whole group was
+    restarted after a retryable failure: Restarting until its Job is ready again) and
+    replicatedJobsStatus (ready: Running)."""
+    status = jobset.get("status") or {}
+    true = _true_conditions(jobset)
+    counts = _jobs_counts(status.get("replicatedJobsStatus") or [])
+    succeeded = status.get("terminalState") == "Completed" or "Completed" in true
+    failed = status.get("terminalState") == "Failed" or "Failed" in true
+    suspended = "Suspended" in true
+    restarts = int(status.get("restarts") or 0)
+    coming_back = restarts > 0 and sum(r["ready"] for r in counts.values()) == 0
+    conditions = _running_conditions(
+        counts, reported=bool(status), terminal=succeeded or failed, suspended=suspended,
+        restarting=f"JobSet restarted the group ({restarts} of failurePolicy.maxRestarts)" if coming_back else "")
+    if suspended:
+        conditions.append(_true("Suspended", "Suspended", str(true["Suspended"].get("message") or "suspended")))
+    if succeeded:
+        conditions.append(_true("Succeeded", "Completed", str((true.get("Completed") or {}).get("message") or "completed")))
+    if failed:
+        conditions.append(_true("Failed", str((true.get("Failed") or {}).get("reason") or "Failed"),
+                                str((true.get("Failed") or {}).get("message") or "the JobSet failed")))
+    return _summary("jobset", jobset, suspend=bool((jobset.get("spec") or {}).get("suspend")), conditions=conditions,
+                    replicas={n: {k: v for k, v in r.items() if k in ("active", "succeeded", "failed")} for n, r in counts.items()},
+                    exit_info=exit_info, restarts=restarts)
+
+
+def summarize_trainjob(trainjob: Mapping[str, Any], exit_info: ExitInfo | None = None) -> dict[str, Any]:
+    """A TrainJob, read into the same vocabulary: Complete -> Succeeded, Failed, Suspended,
+    and its jobsStatus (ready: Running; a failed child Job while the TrainJob has not
+    failed: its JobSet is restarting the group under the runtime's failure policy)."""
+    status = trainjob.get("status") or {}
+    true = _true_conditions(trainjob)
+    counts = _jobs_counts(status.get("jobsStatus") or [])
+    succeeded, failed, suspended = "Complete" in true, "Failed" in true, "Suspended" in true
+    failed_jobs = sum(r["failed"] for r in counts.values())
+    conditions = _running_conditions(
+        counts, reported=bool(status), terminal=succeeded or failed, suspended=suspended,
+        restarting=f"{failed_jobs} child Job(s) failed; the runtime's JobSet restarts them" if failed_jobs else "")
+    for ctype, ours in (("Suspended", "Suspended"), ("Complete", "Succeeded"), ("Failed", "Failed")):
+        if ctype in true:
+            conditions.append(_true(ours, str(true[ctype].get("reason") or ours), str(true[ctype].get("message") or "")))
+    return _summary("trainjob", trainjob, suspend=bool((trainjob.get("spec") or {}).get("suspend")), conditions=conditions,
+                    replicas={n: {k: v for k, v in r.items() if k in ("active", "succeeded", "failed")} for n, r in counts.items()},
+                    exit_info=exit_info)
+
+
+KINDS = {"pytorchjob": "PyTorchJob", "jobset": "JobSet", "trainjob": "TrainJob"}
+SUMMARIZERS: Mapping[str, Callable[..., dict[str, Any]]] = {
+    "pytorchjob": summarize_pytorchjob, "jobset": summarize_jobset, "trainjob": summarize_trainjob,
+}
+
+
+def summarize_child(backend: str, child: Mapping[str, Any], exit_info: ExitInfo | None = None) -> dict[str, Any]:
+    """status.workload for the child of any backend (one vocabulary for the phase table)."""
+    return SUMMARIZERS[backend](child, exit_info)
 
 
 def exit_from_summary(summary: Mapping[str, Any] | None) -> ExitInfo | None:
@@ -239,22 +347,21 @@ def exit_from_summary(summary: Mapping[str, Any] | None) -> ExitInfo | None:
 
 def blank_summary(summary: Mapping[str, Any]) -> bool:
     """A child nobody has reported on yet (just created): nothing beyond what its creator saw."""
-    return not summary.get("conditions") and not summary.get("lastExit") and not summary.get("replicaStatuses")
+    counts = [n for r in (summary.get("replicaStatuses") or {}).values() for n in (r or {}).values()]
+    return not summary.get("conditions") and not summary.get("lastExit") and not any(counts)
 
 
-def needs_pods(summary_or_job: Mapping[str, Any]) -> bool:
-    """Exit codes live on the pods: read them only when the job failed or is restarting."""
-    status = summary_or_job.get("status") if "status" in summary_or_job else summary_or_job
-    return any(
-        c.get("type") in ("Failed", "Restarting") and c.get("status") == TRUE for c in (status or {}).get("conditions") or []
-    )
+def needs_pods(summary: Mapping[str, Any]) -> bool:
+    """Exit codes live on the pods: read them only when the job failed or is restarting
+    (`summary`: a child summary, whose conditions speak the table's vocabulary)."""
+    return any(c.get("type") in ("Failed", "Restarting") and c.get("status") == TRUE for c in summary.get("conditions") or [])
 
 
-def _terminations(pod: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _terminations(pod: Mapping[str, Any], container: str) -> list[tuple[str, dict[str, Any]]]:
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
     out = []
     for cs in statuses:
-        if cs.get("name") != PYTORCH_CONTAINER and len(statuses) > 1:
+        if cs.get("name") != container and len(statuses) > 1:
             continue
         for key in ("state", "lastState"):
             term = (cs.get(key) or {}).get("terminated")
@@ -263,14 +370,22 @@ def _terminations(pod: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def exit_from_pods(pods: Iterable[Mapping[str, Any]]) -> ExitInfo | None:
-    """The newest non-zero exit of the trainer container across the job's pods (Master first
+def _is_first_pod(meta: Mapping[str, Any]) -> bool:
+    """The PyTorchJob's Master, or an Indexed Job's pod 0 (JobSet, TrainJob)."""
+    labels, notes = meta.get("labels") or {}, meta.get("annotations") or {}
+    if str(labels.get(REPLICA_TYPE_LABEL, "")).lower() == "master":
+        return True
+    return str(labels.get(JOB_COMPLETION_INDEX_ANNOTATION, notes.get(JOB_COMPLETION_INDEX_ANNOTATION, ""))) == "0"
+
+
+def exit_from_pods(pods: Iterable[Mapping[str, Any]], container: str = PYTORCH_CONTAINER) -> ExitInfo | None:
+    """The newest non-zero exit of the trainer container across the job's pods (the first pod
     on ties), with the kubelet's reason and the trainer's termination message."""
     best: tuple[tuple[str, int], ExitInfo] | None = None
     for pod in pods:
         meta = pod.get("metadata") or {}
-        is_master = str((meta.get("labels") or {}).get(REPLICA_TYPE_LABEL, "")).lower() == "master"
-        for finished, term in _terminations(pod):
+        is_master = _is_first_pod(meta)
+        for finished, term in _terminations(pod, container):
             info = ExitInfo(
                 exit_code=int(term["exitCode"]),
                 reason=str(term.get("reason") or ""),
@@ -361,7 +476,7 @@ class Facts:
 IN_PROGRESS = Cond(UNKNOWN, REASON_IN_PROGRESS, "the run has not ended")
 NO_FAILURE = Cond(FALSE, REASON_NO_FAILURE, "")
 AS_EXPECTED = Cond(FALSE, REASON_AS_EXPECTED, "")
-NOT_STARTED = Cond(FALSE, REASON_NOT_STARTED, "no PyTorchJob yet")
+NOT_STARTED = Cond(FALSE, REASON_NOT_STARTED, "no training workload yet")
 TRAINING = Cond(TRUE, REASON_TRAINING, "the trainer pods run", job_message="Running")
 
 
@@ -393,6 +508,11 @@ _ENDED = "the run has ended"
 PHASES: tuple[PhaseRow, ...] = (
     PhaseRow(PHASE_PENDING, lambda f: not f.job.exists and f.acceptance.status == UNKNOWN,
              running=None, ready=None, reconciling=None),
+    PhaseRow(PHASE_WAITING, lambda f: not f.job.exists and f.acceptance.reason == REASON_BACKEND_NOT_INSTALLED,
+             running=None, ready=None, stalled=None,
+             reconciling=Cond(TRUE, REASON_BACKEND_NOT_INSTALLED, "waiting for the backend's CRD; retried until it is served"),
+             succeeded=Cond(FALSE, REASON_BACKEND_NOT_INSTALLED, "the job starts once its backend is installed"),
+             event=WARNING, announced_by=Announcement(ACCEPTED, FALSE, REASON_BACKEND_NOT_INSTALLED)),
     PhaseRow(PHASE_INVALID, lambda f: not f.job.exists and f.acceptance.status == FALSE,
              running=None, ready=None, reconciling=None, stalled=None,
              succeeded=Cond(FALSE, Ref(ACCEPTED, "reason"), "the job cannot run until its spec is fixed"),
@@ -408,7 +528,7 @@ PHASES: tuple[PhaseRow, ...] = (
              ready=Cond(FALSE, REASON_FAILED, Ref(FAILED, "message")),
              reconciling=Cond(FALSE, PHASE_FAILED, _ENDED),
              succeeded=Cond(FALSE, REASON_FAILED, "the run failed"),
-             failed=Cond(TRUE, REASON_JOB_FAILED, "the PyTorchJob failed", job_message="Failed"),
+             failed=Cond(TRUE, REASON_JOB_FAILED, "the training workload failed", job_message="Failed"),
              stalled=Cond(TRUE, Ref(FAILED, "reason"), Ref(FAILED, "message")),
              terminal=True, event=WARNING, announced_by=Announcement(FAILED, TRUE)),
     PhaseRow(PHASE_SUSPENDED, lambda f: f.suspend or (f.job.suspended and not f.job.running),
@@ -462,7 +582,7 @@ def _verdict(f: Facts, row: PhaseRow) -> Cond:
 def _suspension(f: Facts, row: PhaseRow) -> Cond:
     """Suspended says what happens to the child (or spec.suspend before there is one)."""
     if f.suspend:
-        return Cond(TRUE, REASON_SUSPENDED, "the PyTorchJob is suspended (spec.suspend, or queued in Kueue): no pods run")
+        return Cond(TRUE, REASON_SUSPENDED, f"the {f.job.kind} is suspended (spec.suspend, or queued in Kueue): no pods run")
     return Cond(FALSE, REASON_NOT_SUSPENDED, "not suspended")
 
 
@@ -492,7 +612,9 @@ def _new_generation(f: Facts, row: PhaseRow) -> Cond | None:
 
 
 def _awaiting_spec_fix(f: Facts, row: PhaseRow) -> Cond | None:
-    return Cond(FALSE, f.acceptance.reason, "waiting for a spec change") if f.acceptance.status == FALSE else None
+    if f.acceptance.status != FALSE or f.acceptance.reason == REASON_BACKEND_NOT_INSTALLED:
+        return None  # a missing CRD is not the spec's fault: the Waiting row says what happens
+    return Cond(FALSE, f.acceptance.reason, "waiting for a spec change")
 
 
 def _run_ended(f: Facts, row: PhaseRow) -> Cond | None:
@@ -506,7 +628,7 @@ def _suspending(f: Facts, row: PhaseRow) -> Cond | None:
 
 def _resuming(f: Facts, row: PhaseRow) -> Cond | None:
     if not f.suspend and f.job.suspended:
-        return Cond(TRUE, REASON_RESUMING, "waiting for the PyTorchJob to resume")
+        return Cond(TRUE, REASON_RESUMING, f"waiting for the {f.job.kind} to resume")
     return None
 
 
@@ -594,7 +716,7 @@ def conditions_for(
     generation: int,
     acceptance: Acceptance,
     suspend: bool,
-    pytorchjob: Mapping[str, Any] | None,
+    workload: Mapping[str, Any] | None,
     progress: Mapping[str, Any] | None = None,
     previous: Iterable[Mapping[str, Any]] | None = None,
     now: str,
@@ -602,19 +724,19 @@ def conditions_for(
 ) -> dict[str, Any]:
     """The status fields we own: `conditions`, `phase`, `observedGeneration`.
 
-    `acceptance` is this generation's verdict (or the recorded one, when a PyTorchJob event
-    triggers the update); `pytorchjob` is the child's summary (`summarize_pytorchjob`, None
+    `acceptance` is this generation's verdict (or the recorded one, when a child's event
+    triggers the update); `workload` is the child's summary (`summarize_child`, None
     when absent; its `lastExit` comes from the pods); `suspend` is spec.suspend, used until
     the child exists (then the child's runPolicy.suspend says what really happens);
     `previous` are the conditions in status now (for transition times); `phases` the table."""
-    job = job_state(pytorchjob)
+    job = job_state(workload)
     facts = Facts(
         acceptance=acceptance,
         suspend=job.suspend_requested if job.exists else suspend,
         job=job,
         spec_suspend=suspend,
         generation=generation,
-        exit_info=exit_from_summary(pytorchjob),
+        exit_info=exit_from_summary(workload),
         progress=progress,
     )
     row = decide_phase(facts, phases)
@@ -622,8 +744,9 @@ def conditions_for(
     for cond in conditions:
         cond["observedGeneration"] = acceptance.generation
     out: dict[str, Any] = {"observedGeneration": acceptance.generation, "phase": row.phase, "conditions": conditions}
-    if pytorchjob is not None:
-        out["pytorchJob"] = dict(pytorchjob)
+    if workload is not None:
+        out["workload"] = dict(workload)
+        out["backend"] = workload.get("backend") or "pytorchjob"
     return out
 
 

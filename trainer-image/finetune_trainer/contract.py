@@ -82,6 +82,54 @@ PYTORCHJOB_PLURAL = "pytorchjobs"
 TRAINING_JOB_LABEL = "training.kubeflow.org/job-name"  # the training operator's label on the job's pods
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 
+# -------------------------------- Kubeflow Trainer v2 (the TrainJob backend) and JobSet
+TRAINJOB_GROUP = "trainer.kubeflow.org"
+TRAINJOB_VERSION = "v1alpha1"
+TRAINJOB_API_VERSION = f"{TRAINJOB_GROUP}/{TRAINJOB_VERSION}"
+TRAINJOB_KIND = "TrainJob"
+TRAINJOB_PLURAL = "trainjobs"
+TRAINJOB_RUNTIME_KIND = "ClusterTrainingRuntime"
+DEFAULT_TRAINING_RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Trainer v2 installs
+TRAINJOB_CONTAINER = "node"  # the trainer container of Trainer v2's torch runtimes
+TRAINJOB_REPLICATED_JOB = "node"  # their replicated Job (trainer.kubeflow.org/trainjob-ancestor-step: trainer)
+TRAINJOB_MASTER_PORT = 29400  # the port Trainer v2's torch plug-in puts in PET_MASTER_PORT
+TRAINJOB_PATCH_MANAGER = f"{GROUP}/finetune-operator"  # our entry in spec.runtimePatches (keyed by manager)
+
+JOBSET_GROUP = "jobset.x-k8s.io"
+JOBSET_VERSION = "v1alpha2"
+JOBSET_API_VERSION = f"{JOBSET_GROUP}/{JOBSET_VERSION}"
+JOBSET_KIND = "JobSet"
+JOBSET_PLURAL = "jobsets"
+JOBSET_REPLICATED_JOB = "node"  # one replicated Job of `nodes` Indexed pods
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # on every pod of a JobSet (and of a TrainJob's)
+# The Job controller's annotation on an Indexed Job's pods: the pod's index, 0..completions-1.
+JOB_COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+ENV_JOB_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"  # the same index, as the Job controller's env
+
+# The backends a FineTuneJob can run on (spec.backend; `auto` asks API discovery).
+BACKEND_AUTO = "auto"
+BACKEND_PYTORCHJOB = "pytorchjob"
+BACKEND_TRAINJOB = "trainjob"
+BACKEND_JOBSET = "jobset"
+BACKENDS = (BACKEND_PYTORCHJOB, BACKEND_TRAINJOB, BACKEND_JOBSET)
+AUTO_PREFERENCE = (BACKEND_TRAINJOB, BACKEND_JOBSET, BACKEND_PYTORCHJOB)  # what `auto` picks first
+
+# The torch.distributed env contract, per backend: every backend ends in the same PET_*
+# variables, which torchrun (`finetune launch`) reads, so the trainer sees one world.
+# - pytorchjob: the training operator sets MASTER_ADDR/PORT, WORLD_SIZE, RANK and PET_*.
+# - trainjob: Trainer v2's torch plug-in sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
+#   PET_MASTER_ADDR (<job>-node-0-0.<job>) and PET_MASTER_PORT (29400).
+# - jobset: the operator sets them itself from what JobSet guarantees: PET_MASTER_ADDR is the
+#   first pod's DNS name (JobSet's hostnames <jobset>-<replicatedJob>-<jobIndex>-<podIndex>
+#   under the subdomain <jobset>), PET_NODE_RANK the pod's Job completion index (downward API
+#   of JOB_COMPLETION_INDEX_ANNOTATION); PET_NNODES, PET_NPROC_PER_NODE, PET_MASTER_PORT fixed.
+
+
+def jobset_master_addr(jobset_name: str, replicated_job: str = JOBSET_REPLICATED_JOB) -> str:
+    """The DNS name of a JobSet's first pod (replicated Job 0, pod 0), within its namespace."""
+    return f"{jobset_name}-{replicated_job}-0-0.{jobset_name}"
+
+
 # ----------------------------------- env the Kubeflow training operator injects (PyTorchJob)
 ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
@@ -114,6 +162,7 @@ RESERVED_ENV: dict[str, str] = {
         ENV_STATUS_CA_FILE, ENV_HF_HOME, ENV_LOCAL_RANK, ENV_LOCAL_WORLD_SIZE, ENV_TORCHRUN_SHUTDOWN_TIMEOUT,
     )},
     **{name: "set by the Kubeflow training operator for torch.distributed" for name in TRAINING_OPERATOR_ENV},
+    ENV_JOB_COMPLETION_INDEX: "set by the Job controller (the pod's index under the jobset backend)",
     ENV_HF_TOKEN: "comes from a Secret: set spec.hf_token_secret (name, key) so the token never sits in the spec",
     ENV_AWS_ACCESS_KEY_ID: "comes from a Secret: set spec.storage.credentials_secret",
     ENV_AWS_SECRET_ACCESS_KEY: "comes from a Secret: set spec.storage.credentials_secret",
@@ -144,6 +193,7 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "finetune-operator"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"  # on every child: the spec it was rendered from
+ANNOTATION_BACKEND = f"{GROUP}/backend"  # on every child: the backend the job was given (see backends.py)
 
 # ----------------------------------------------------------------- object storage layout
 # <storage.uri>/<namespace>/<job>/ holds checkpoints/, metrics.jsonl and final/.
@@ -212,5 +262,6 @@ def world(environ: Mapping[str, str] | None = None) -> World:
     nodes = number(ENV_NODES, default=0) or (max(1, world_size // local_world) if local_world else 0) \
         or number(ENV_PET_NNODES, "NNODES", default=1)
     return World(rank=number(ENV_RANK, default=0), local_rank=number(ENV_LOCAL_RANK, default=0), world_size=world_size,
-                 local_world_size=local_world or 1, node_rank=number(ENV_NODE_RANK, "NODE_RANK", ENV_PET_NODE_RANK, default=0),
+                 local_world_size=local_world or 1,
+                 node_rank=number(ENV_NODE_RANK, "NODE_RANK", ENV_PET_NODE_RANK, ENV_JOB_COMPLETION_INDEX, default=0),
                  nodes=nodes)

@@ -232,6 +232,14 @@ def with_fields(reporters: Sequence[ProgressReporter], stages: Sequence[Any]) ->
 
 
 def _end(trainer) -> None:
+    """All ranks meet, then each destroys the process group. Without the meeting a rank
+    with nothing left to do (rank 1 while rank 0 uploads the results) tore gloo down while
+    its peer's connections were live, and now and then died in C++ (SIGABRT, "terminate
+    called without an active exception"), which torchrun turns into a failed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     end = getattr(trainer, "end", None)
     if callable(end):
         end()  # destroys the process group once no collective is left

@@ -54,3 +54,13 @@ app.kubernetes.io/component: operator
 {{- define "finetune-operator.clusterWide" -}}
 {{- if not .Values.watchNamespaces }}true{{ end }}
 {{- end }}
+
+{{/* The enabled backends, comma-separated (--backends); fails when backend.default is neither
+auto nor enabled, since the operator would refuse every job without spec.backend. */}}
+{{- define "finetune-operator.backends" -}}
+{{- $enabled := .Values.backend.enabled }}
+{{- if and (ne .Values.backend.default "auto") (not (has .Values.backend.default $enabled)) }}
+{{- fail (printf "backend.default=%s is not in backend.enabled (%s): enable it, or use backend.default=auto" .Values.backend.default (join "," $enabled)) }}
+{{- end }}
+{{- join "," $enabled }}
+{{- end }}

@@ -104,7 +104,6 @@ if TYPE_CHECKING:
 # Resources the operator and its tests use: (group/version/plural, kind, namespaced, status subresource)
 RESOURCES = [
     (f"{crd.GROUP}/{crd.VERSION}/{crd.PLURAL}", crd.KIND, True, True),
-    ("kubeflow.org/v1/pytorchjobs", "PyTorchJob", True, True),
     ("v1/configmaps", "ConfigMap", True, False),
     ("v1/serviceaccounts", "ServiceAccount", True, False),
     ("v1/pods", "Pod", True, True),
@@ -117,6 +116,13 @@ RESOURCES = [
     ("kopf.dev/v1/kopfpeerings", "KopfPeering", True, False),
 ]
 VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
+# The workload kinds a FineTuneJob can run on, by backend name: served only when asked
+# (`EmulatorThread(workloads=...)`, `serve`/`unserve`), as a cluster serves only the CRDs installed.
+WORKLOADS = {
+    "pytorchjob": ("kubeflow.org/v1/pytorchjobs", "PyTorchJob"),
+    "trainjob": ("trainer.kubeflow.org/v1alpha1/trainjobs", "TrainJob"),
+    "jobset": ("jobset.x-k8s.io/v1alpha2/jobsets", "JobSet"),
+}
 
 Hook = Callable[[kmock.Request], Awaitable[None]]
 
@@ -257,6 +263,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def declare_defaults(self) -> None:
         for key, kind, namespaced, status in RESOURCES:
             self.declare(key, kind, namespaced=namespaced, status=status)
+
+    def undeclare(self, key: str) -> None:
+        """Stop serving a resource (its discovery entry, list and watch answer 404 again)."""
+        del self.resources[key]
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -608,7 +618,9 @@ class Gate:
 class EmulatorThread:
     """`with EmulatorThread() as emu:` -> emu.url serves the Kubernetes API on 127.0.0.1."""
 
-    def __init__(self, *, keep_history: bool = False, port: int | None = None):
+    def __init__(self, *, keep_history: bool = False, port: int | None = None,
+                 workloads: Iterable[str] = ("pytorchjob",)):
+        self.workloads = tuple(workloads)
         self.keep_history = keep_history
         self.port = port
         self.url = ""
@@ -632,6 +644,9 @@ class EmulatorThread:
         self._stop = asyncio.Event()
         async with KubeEmulator(keep_history=self.keep_history) as emulator:
             emulator.declare_defaults()
+            for name in self.workloads:
+                key, kind = WORKLOADS[name]
+                emulator.declare(key, kind, namespaced=True, status=True)
             server_kwargs = {"port": self.port} if self.port else {}
             async with kmock.Server(emulator, **server_kwargs) as server:
                 self.emulator = emulator
@@ -661,6 +676,35 @@ class EmulatorThread:
             return fn()
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(30)
+
+    def serve(self, *backends: str) -> None:
+        """Install workload CRDs: the kinds become served, and a CustomResourceDefinition
+        object appears for each (what kopf follows to start watching a new kind)."""
+        for name in backends:
+            key, kind = WORKLOADS[name]
+            self.call(lambda key=key, kind=kind: self.emulator.declare(key, kind, namespaced=True, status=True))
+            group, version, plural = key.split("/")
+            self._post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", {
+                "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": f"{plural}.{group}"},
+                "spec": {"group": group, "scope": "Namespaced",
+                         "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                         "versions": [{"name": version, "served": True, "storage": True}]}})
+
+    def unserve(self, *backends: str) -> None:
+        """Uninstall workload kinds (discovery stops listing them)."""
+        for name in backends:
+            key, _ = WORKLOADS[name]
+            self.call(lambda key=key: self.emulator.undeclare(key))
+
+    def _post(self, path: str, body: dict[str, Any]) -> None:
+        import json as _json
+        import urllib.request
+
+        request = urllib.request.Request(self.url + path, data=_json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10):
+            pass
 
     def add_server(self) -> str:
         """Another port onto the same API (one per operator process, to tell their writes apart)."""
