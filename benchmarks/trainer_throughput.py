@@ -7,6 +7,12 @@ own train_runtime (model loading and tokenisation are outside it on both sides);
 is the child's ru_maxrss from wait4. Our overhead target: ratio >= 0.95.
 
     .venv/bin/python benchmarks/trainer_throughput.py [--samples 64] [--repeats 3]
+    .venv/bin/python benchmarks/trainer_throughput.py --packing [--samples 64] [--repeats 3]
+
+--packing compares `finetune train` with training.sample_packing on and off, on the demo data
+and on a mixed-length set (the demo rows, every fourth one with a long response), by effective
+tokens/s: real trained tokens (non-padding) per second of train_runtime. Target on the mixed
+set: packed >= 1.5x unpacked; peak RSS at most 10% above.
 """
 
 from __future__ import annotations
@@ -74,7 +80,18 @@ PLAIN_SCRIPT = textwrap.dedent(
 )
 
 
-def prepare(work: Path, samples: int) -> tuple[Path, Path, Path]:
+def mixed_rows(rows: list[str]) -> list[str]:
+    """Short rows and long rows: every fourth demo row gets a response of ~8 demo responses."""
+    parsed = [json.loads(r) for r in rows]
+    out = []
+    for i, row in enumerate(parsed):
+        if i % 4 == 3:
+            row = {**row, "output": " ".join(p["output"] for p in parsed[i:i + 8] or parsed[:8])}
+        out.append(json.dumps(row))
+    return out
+
+
+def prepare(work: Path, samples: int, *, packing: bool = False, mixed: bool = False) -> tuple[Path, Path, Path]:
     """The first `samples` demo rows, our config for them, and the same samples tokenized by
     our data stage for the plain script."""
     from finetune_trainer.config import FineTuneConfig
@@ -83,16 +100,17 @@ def prepare(work: Path, samples: int) -> tuple[Path, Path, Path]:
     from transformers import AutoTokenizer
 
     rows = DEMO_DATA.read_text().splitlines()[:samples]
+    rows = mixed_rows(rows) if mixed else rows
     data = work / "train.jsonl"
     data.write_text("\n".join(rows) + "\n")
     spec = {
         "model": {"base_model": "builtin:SmolLM2-135M-Instruct"},
         "fine_tuning": {"method": "lora", "lora": LORA},
-        "training": SETTINGS,
+        "training": {**SETTINGS, "sample_packing": packing},
         "dataset": {"format": "alpaca", "train_path": str(data)},
         "output": {"output_dir": str(work / "ours"), "logging_steps": 10, "save_steps": 10**6},
     }
-    config = work / "config.yaml"
+    config = work / f"config{'-packed' if packing else ''}.yaml"
     import yaml
 
     config.write_text(yaml.safe_dump(spec))
@@ -146,11 +164,41 @@ def _run_measured(cmd: list[str], cwd: Path) -> tuple[str, float]:
     return "".join(out_chunks), usage.ru_maxrss / 1024
 
 
+def packing_comparison(samples: int, repeats: int) -> int:
+    """Packed vs unpacked `finetune train`, on the demo data and on the mixed-length set."""
+    met = True
+    med = lambda runs, key: statistics.median(x[key] for x in runs)  # noqa: E731
+    for label, mixed in (("demo data", False), ("mixed lengths", True)):
+        with tempfile.TemporaryDirectory(prefix="trainer-packing-") as tmp:
+            work = Path(tmp)
+            unpacked_cfg, _, _ = prepare(work, samples, mixed=mixed)
+            packed_cfg, _, _ = prepare(work, samples, packing=True, mixed=mixed)
+            runs: dict[str, list[dict[str, float]]] = {"unpacked": [], "packed": []}
+            for r in range(repeats):
+                order = [("unpacked", unpacked_cfg), ("packed", packed_cfg)]
+                for name, cfg in order if r % 2 == 0 else order[::-1]:
+                    figures = run_ours(cfg, work)
+                    runs[name].append(figures)
+                    print(f"{label}, repeat {r + 1} {name:8}: {figures['tokens_per_second']:8.1f} effective tokens/s, "
+                          f"peak RSS {figures['rss_mib']:7.0f} MiB", flush=True)
+        ratio = med(runs["packed"], "tokens_per_second") / med(runs["unpacked"], "tokens_per_second")
+        rss = med(runs["packed"], "rss_mib") / med(runs["unpacked"], "rss_mib")
+        target = " (target >= 1.5: " + ("met)" if ratio >= 1.5 else "NOT met)") if mixed else ""
+        print(f"{label}: packed {med(runs['packed'], 'tokens_per_second'):.1f} vs unpacked "
+              f"{med(runs['unpacked'], 'tokens_per_second'):.1f} effective tokens/s: ratio {ratio:.2f}{target}; "
+              f"peak RSS ratio {rss:.2f} (target <= 1.10)\n", flush=True)
+        met = met and (ratio >= 1.5 or not mixed) and rss <= 1.10
+    return 0 if met else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64, help="demo rows to train on (one epoch)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, order alternating")
+    parser.add_argument("--packing", action="store_true", help="packed vs unpacked instead of ours vs plain")
     args = parser.parse_args()
+    if args.packing:
+        return packing_comparison(args.samples, args.repeats)
     with tempfile.TemporaryDirectory(prefix="trainer-throughput-") as tmp:
         work = Path(tmp)
         config, samples_dir, _ = prepare(work, args.samples)

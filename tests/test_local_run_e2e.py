@@ -58,7 +58,8 @@ def two_node_run(request, tmp_path_factory, tiny_model_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "finetune_trainer.cli", "run", "-f", str(job), "--run-dir", str(run_dir),
          "--backend", backend],
-        capture_output=True, text=True, timeout=540, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=540, cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},  # `finetune run` divides the CPUs
     )
     return proc.returncode, proc.stdout + proc.stderr, run_dir, PODS[backend]
 
@@ -68,6 +69,7 @@ def test_two_local_nodes_train_as_one_world(two_node_run):
     assert code == 0, output[-6000:]
     assert f"[{first}]" in output and f"[{second}]" in output
     assert f"{first} exited 0, {second} exited 0" in output
+    assert "intra-op threads per process:" in output and "2 process(es) sharing it" in output
     # One world of two ranks, not two runs of one: each optimizer step consumed a micro-batch
     # on both, so an epoch of N samples took N / 2 steps.
     results = json.loads((run_dir / first / "output" / "train_results.json").read_text())

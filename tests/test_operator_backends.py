@@ -287,6 +287,9 @@ def test_a_cluster_serving_no_backend_is_told_what_to_install_and_proceeds_once_
     wait_for(lambda: world.child("jobset"), what="the JobSet, created on a retry", timeout=30)
     world.cluster.wait_condition("demo", "Accepted", "True", reason="Valid")
     assert world.cluster.job("demo")["status"]["backend"] == "jobset"
+    # kopf follows the new CRD: the JobSet's own events now reach the FineTuneJob.
+    world.set_status("jobset", jobset_status(active=1, ready=1))
+    world.cluster.wait_condition("demo", "Running", "True", reason="Training", timeout=30)
 
 
 @pytest.mark.parametrize("world", [("pytorchjob",)], indirect=True, ids=["pytorchjob-only"])
@@ -354,3 +357,31 @@ def test_a_backend_this_operator_may_not_use_is_refused(tmp_path):
             assert emulator.objects("jobsets") == []
         finally:
             operator.stop()
+
+
+# ------------------------------------------------------------------ an old CRD after `helm upgrade`
+
+
+def test_an_operator_on_a_crd_without_backends_says_how_to_upgrade(tmp_path, caplog):
+    """Helm never upgrades crds/: the CRD of the previous release (the upgrade fixture) lacks
+    spec.backend, which a real API server would prune from every job. The operator says so."""
+    import yaml
+
+    from finetune_operator.handlers import stale_crd_fields
+
+    fixtures = Path(__file__).parent / "fixtures" / "upgrade"
+    old = yaml.safe_load((fixtures / "finetunejobs-before-backends.yaml").read_text())
+    new = yaml.safe_load((Path(__file__).parent.parent / "crds" / "finetunejobs.finetune.dev.yaml").read_text())
+    assert stale_crd_fields([old]) == ["spec.backend", "spec.training_runtime"]
+    assert stale_crd_fields([new]) == [] and stale_crd_fields([]) == []
+    with EmulatorThread() as emulator:
+        Cluster(emulator).kube.create(old)
+        with caplog.at_level("ERROR"):
+            operator = OperatorThread(emulator.url).start()
+            try:
+                wait_for(lambda: any("predates this operator" in r.getMessage() for r in caplog.records),
+                         what="the stale-CRD error in the operator's log")
+            finally:
+                operator.stop()
+    message = next(r.getMessage() for r in caplog.records if "predates" in r.getMessage())
+    assert "spec.backend" in message and "kubectl apply --server-side" in message

@@ -12,8 +12,8 @@ from finetune_trainer.config import FineTuneConfig
 from finetune_trainer.training.arguments import installed_argument_names, precision_flags, training_arguments
 from finetune_trainer.training.deepspeed import deepspeed_config, generated_config
 
-V5 = {"warmup_steps", "activation_checkpointing", "activation_checkpointing_kwargs"}
-V4 = {"warmup_ratio", "warmup_steps", "gradient_checkpointing", "gradient_checkpointing_kwargs"}
+V5 = {"warmup_steps", "activation_checkpointing", "activation_checkpointing_kwargs", "train_sampling_strategy"}
+V4 = {"warmup_ratio", "warmup_steps", "gradient_checkpointing", "gradient_checkpointing_kwargs", "group_by_length"}
 
 
 def config(**sections) -> FineTuneConfig:
@@ -46,6 +46,8 @@ def kwargs(cfg: FineTuneConfig, *, use_cpu=True, world_size=1, accepted=V5, **ex
         ),
         ({"training": {"gradient_checkpointing": False}}, {"activation_checkpointing": False}),
         ({"training": {"seed": 7}}, {"seed": 7, "data_seed": 7}),
+        ({"training": {"group_by_length": True}}, {"train_sampling_strategy": "group_by_length"}),
+        ({"training": {"group_by_length": False}}, {"train_sampling_strategy": "<absent>"}),
         ({"training": {"mixed_precision": "no"}}, {"bf16": False, "fp16": False}),
         ({"output": {"output_dir": "ignored-here"}}, {"output_dir": "out"}),
         ({"output": {"logging_steps": 3}}, {"logging_steps": 3, "logging_strategy": "steps"}),
@@ -99,6 +101,7 @@ def test_older_transformers_spellings():
     assert got["warmup_ratio"] == 0.05 and "warmup_steps" not in got
     assert got["gradient_checkpointing"] is True
     assert got["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert kwargs(config(training={"group_by_length": True}), accepted=V4)["group_by_length"] is True
 
 
 @pytest.mark.parametrize(
@@ -137,7 +140,8 @@ def test_installed_transformers_accepts_every_mapping(tmp_path):
     from transformers import TrainingArguments
 
     cfg = config(
-        training={"max_steps": 5, "warmup_ratio": 0.2, "gradient_checkpointing": True, "optimizer": "adamw_8bit"},
+        training={"max_steps": 5, "warmup_ratio": 0.2, "gradient_checkpointing": True, "optimizer": "adamw_8bit",
+                  "group_by_length": True},
         dataset={"eval_path": "e"},
         evaluation={"do_eval": True, "eval_steps": 2},
         output={"save_total_limit": 1},
@@ -148,6 +152,7 @@ def test_installed_transformers_accepts_every_mapping(tmp_path):
     )
     assert args.get_warmup_steps(100) == 20
     assert args.optim == "adamw_8bit" and args.bf16 and args.eval_steps == 2 and args.save_total_limit == 1
+    assert args.train_sampling_strategy == "group_by_length"
     names = installed_argument_names()
     assert ("activation_checkpointing" in names) == hasattr(args, "activation_checkpointing")
 

@@ -265,3 +265,27 @@ def test_progress_reporters_get_steps_and_eta(tmp_path, tiny_model_dir):
     assert steps[0]["eta_seconds"] > 0 and steps[-1]["eta_seconds"] == 0
     assert all(u["tokens_per_second"] > 0 for u in steps[1:])
     assert [u["eval_loss"] is not None for u in updates].count(True) == 2  # before and after (do_eval off)
+
+
+def test_sample_packing_trains_on_packed_rows_and_reports_them(tmp_path, tiny_model_dir, capsys):
+    """training.sample_packing: 16 short samples share a few rows of 256 tokens; the run counts
+    steps in packed rows, learns (eval loss, computed unpacked, falls), and says how well it packed."""
+    cfg = tiny_config(tmp_path, tiny_model_dir, training={"sample_packing": True, "micro_batch_size": 1,
+                                                          "max_seq_length": 256})
+    rc = run_train(tmp_path, cfg)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    out = tmp_path / "out"
+    data = metrics(out)[0]["data"]["train"]
+    assert data["samples"] == 16 and 0 < data["packed_rows"] < 16
+    assert data["packing_efficiency"] == pytest.approx(data["tokens"] / (data["packed_rows"] * 256), abs=1e-3)
+    assert_loss_fell(out)
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["eval_after"]["eval_loss"] < results["eval_before"]["eval_loss"]
+    assert results["epoch"] == pytest.approx(8 / data["packed_rows"], rel=0.01)  # an epoch is the packed rows
+
+
+def test_group_by_length_trains(tmp_path, tiny_model_dir, capsys):
+    cfg = tiny_config(tmp_path, tiny_model_dir, training={"group_by_length": True})
+    assert run_train(tmp_path, cfg) == 0, capsys.readouterr().err
+    assert_loss_fell(tmp_path / "out")

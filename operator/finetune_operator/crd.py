@@ -327,6 +327,8 @@ def status_schema() -> dict[str, Any]:
             "checkpointUri": {"type": "string", "description": "Newest complete checkpoint in storage."},
             "samples": {"type": "integer", "description": "Training samples after the data stage."},
             "skippedRows": {"type": "integer", "description": "Bad data rows skipped (dataset.skip_bad_rows)."},
+            "packedRows": {"type": "integer", "description": "Rows the samples were packed into (training.sample_packing)."},
+            "packingEfficiency": _num("Real tokens / packed rows' capacity (training.sample_packing)."),
             "lastUpdatedTime": {"type": "string", "format": "date-time"},
             "metrics": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
         },

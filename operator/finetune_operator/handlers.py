@@ -375,6 +375,44 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo | None:
     return connection_info(kube.configuration) if kube else kopf.login_via_client(**_)
 
 
+UPGRADE_CRD_HINT = ("kubectl apply --server-side --force-conflicts -f helm/finetune-operator/crds/ "
+                    "(or: helm show crds <chart> | kubectl apply --server-side --force-conflicts -f -)")
+
+
+def stale_crd_fields(crds: list[Mapping[str, Any]]) -> list[str]:
+    """The spec fields this operator reads that the installed FineTuneJob CRD lacks: an API
+    server prunes them from every job, so spec.backend would vanish without a word. Helm does
+    not upgrade CRDs, so this is what a `helm upgrade` without the CRD step leaves behind."""
+    from .crd import CRD_NAME
+
+    ours = next((c for c in crds if (c.get("metadata") or {}).get("name") == CRD_NAME), None)
+    if ours is None:
+        return []  # not installed (or not readable): kopf itself says it cannot watch the kind
+    for version in (ours.get("spec") or {}).get("versions") or []:
+        if version.get("name") == VERSION:
+            schema = ((version.get("schema") or {}).get("openAPIV3Schema") or {})
+            spec = ((schema.get("properties") or {}).get("spec") or {}).get("properties") or {}
+            return [f"spec.{name}" for name in ("backend", "training_runtime") if name not in spec]
+    return []
+
+
+@kopf.on.startup()
+def check_installed_crd(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Say at start, loudly, when the cluster's FineTuneJob CRD is older than this operator."""
+    kube: Kube | None = getattr(memo, "kube", None)
+    if kube is None:
+        return
+    try:
+        missing = stale_crd_fields(kube.list("apiextensions.k8s.io/v1", "CustomResourceDefinition", None))
+    except ApiError as err:
+        logger.warning(f"could not read the FineTuneJob CRD to check its version: {err}")
+        return
+    if missing:
+        logger.error(f"the installed FineTuneJob CRD predates this operator: it has no {', '.join(missing)}, so the "
+                     f"API server drops those fields from every job (they run on the default backend). "
+                     f"Apply the new CRD: {UPGRADE_CRD_HINT}")
+
+
 @kopf.on.probe(id="reconciles")
 def reconciles(memo: kopf.Memo, **_: Any) -> int:
     """Liveness detail: reconciles done since start (kopf answers the endpoint itself)."""

@@ -26,6 +26,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Pod"): "pods",
     ("v1", "Event"): "events",
     ("v1", "Namespace"): "namespaces",
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     (c.PYTORCHJOB_API_VERSION, c.PYTORCHJOB_KIND): c.PYTORCHJOB_PLURAL,
@@ -33,7 +34,7 @@ PLURALS: dict[tuple[str, str], str] = {
     (c.JOBSET_API_VERSION, c.JOBSET_KIND): c.JOBSET_PLURAL,
     (API_VERSION, KIND): PLURAL,
 }
-CLUSTER_SCOPED = {("v1", "Namespace")}
+CLUSTER_SCOPED = {("v1", "Namespace"), ("apiextensions.k8s.io/v1", "CustomResourceDefinition")}
 
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"

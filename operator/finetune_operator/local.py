@@ -48,6 +48,7 @@ from typing import Any, TextIO
 import yaml
 
 from finetune_trainer.config.loader import parse_yaml
+from finetune_trainer.cpu_threads import set_threads_env
 
 from finetune_trainer import contract as c
 from .render import RenderSettings, render
@@ -75,6 +76,7 @@ class LocalPlan:
     run_dir: Path
     storage_uri: str
     grace_seconds: int
+    threads: str = ""  # what set_threads_env chose, for the log
 
 
 def free_port() -> int:
@@ -118,7 +120,12 @@ def plan(
         replicas.append(LocalReplica(pod.name, pod.index, local_command(pod.command, config_path), env, config_path))
     storage = config["output"]["storage_uri"]
     grace = job["spec"].get("termination_grace_period_seconds") or 300
-    return LocalPlan(replicas, run_dir, storage, grace)
+    # Every trainer process of every pod shares this machine's CPUs (cpu_threads.py).
+    processes = sum(int(r.env.get(c.ENV_PET_NPROC_PER_NODE) or 1) for r in replicas)
+    threads = ""
+    for replica in replicas:
+        threads = set_threads_env(replica.env, processes, user_env=base_env)
+    return LocalPlan(replicas, run_dir, storage, grace, threads)
 
 
 def _absolute_deepspeed_path(config: dict[str, Any], base_dir: Path) -> None:
@@ -322,6 +329,7 @@ def run_local(job: dict[str, Any], args: Any) -> int:
     names = ", ".join(r.name for r in the_plan.replicas)
     print(f"[finetune run] {len(the_plan.replicas)} replica(s) ({names}) in {run_dir}; storage {the_plan.storage_uri}",
           flush=True)
+    print(f"[finetune run] {the_plan.threads}", flush=True)
     code = execute(the_plan.replicas, grace_seconds=the_plan.grace_seconds)
     print(f"[finetune run] {'succeeded' if code == 0 else f'failed (exit {code})'}; results under {the_plan.storage_uri}",
           flush=True)

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from .contract import exit_code_is_retryable, world
+from .cpu_threads import set_threads_env
 from .process_guard import mark_not_dumpable
 
 ENV_EXIT_CODE_DIR = "FINETUNE_EXIT_CODE_DIR"
@@ -80,8 +81,13 @@ def run_torchrun(argv: list[str]) -> None:
 
 def launch(config: str, overrides: list[str]) -> int:
     mark_not_dumpable()
+    env = {**os.environ}
+    nproc = os.environ.get("PET_NPROC_PER_NODE", "1")
+    # torchrun alone sets 1 thread per worker when it starts several, and leaves one worker
+    # with every core of the node even under a CPU limit: divide what the pod really has.
+    print(f"finetune launch: {set_threads_env(env, int(nproc) if nproc.isdigit() else 1)}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="finetune-exit-") as folder:
-        proc = subprocess.Popen(torchrun_command(config, overrides), env={**os.environ, ENV_EXIT_CODE_DIR: folder})
+        proc = subprocess.Popen(torchrun_command(config, overrides), env={**env, ENV_EXIT_CODE_DIR: folder})
 
         def forward(signum, _frame):  # torchrun passes it on to the ranks, which save and exit
             proc.send_signal(signum)

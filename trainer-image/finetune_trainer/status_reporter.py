@@ -49,6 +49,8 @@ FIELDS = {
     # from the data stage (training/callbacks.py DataFields)
     "samples": "samples",
     "skipped_rows": "skippedRows",
+    "packed_rows": "packedRows",
+    "packing_efficiency": "packingEfficiency",
     # from the storage plug-in (storage/plugin.py progress_fields)
     "checkpoint_uri": "checkpointUri",
     "storage_degraded": "storageDegraded",

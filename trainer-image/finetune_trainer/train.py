@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, FineTuneConfig, dump_config
+from .config import ConfigError, ConfigIssue, FineTuneConfig, dump_config
 from .config.rules import resolve_deepspeed_path
 from .contract import EXIT_OK, EXIT_PERMANENT, world
 from .data import IGNORE_INDEX, DataError, data_collator, prepare_data
@@ -100,6 +100,11 @@ def train(
     # process alone writes the Spectrum selection.
     method = prepare_model(cfg, output_dir=out if main else None)
     forget_gguf_origin(method.model)
+    if cfg.training.sample_packing:
+        from .data.packing import isolation_problem
+
+        if problem := isolation_problem(method.model):
+            raise ConfigError([ConfigIssue("training.sample_packing", problem.split(": ", 1)[1])])
     if main:
         log.info(method.description)
 
@@ -248,6 +253,7 @@ def _end(trainer) -> None:
 def run_command(cfg: FineTuneConfig, *, base_dir: Path, **kwargs: Any) -> int:
     """`train` with the errors a user can cause turned into one message and exit code 1."""
     setup_logging()
+    limit_threads()
     try:
         return train(cfg, base_dir=base_dir, **kwargs).exit_code
     except ConfigError as exc:
@@ -264,6 +270,21 @@ def run_command(cfg: FineTuneConfig, *, base_dir: Path, **kwargs: Any) -> int:
             raise
         print(f"{_error_prefix()}: {exc}", file=sys.stderr)  # the message names the field to set
         return EXIT_PERMANENT
+
+
+def limit_threads() -> None:
+    """One trainer in a pod (no torchrun): torch would size its pool from the node's cores,
+    not from the pod's CPU limit. A launcher or the user that set OMP_NUM_THREADS has decided."""
+    from .cpu_threads import ENV_OMP_NUM_THREADS, set_threads_env
+
+    if os.environ.get(ENV_OMP_NUM_THREADS):
+        return
+    import torch
+
+    env: dict[str, str] = {}
+    note = set_threads_env(env, world().local_world_size)
+    torch.set_num_threads(int(env[ENV_OMP_NUM_THREADS]))
+    log.info(note)
 
 
 def _error_prefix() -> str:

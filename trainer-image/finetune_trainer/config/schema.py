@@ -218,6 +218,15 @@ class TrainingConfig(Section):
         default=2048, ge=8, description="Longer samples are truncated to this many tokens (model-dependent)."
     )
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    sample_packing: bool = Field(
+        default=False,
+        description="Pack short samples into rows of up to max_seq_length (best-fit decreasing); each sample "
+        "sees only itself (position_ids restart, block-diagonal attention). Steps count packed rows.",
+    )
+    group_by_length: bool = Field(
+        default=False,
+        description="Draw micro-batches of similar length (less padding; transformers' length-grouped sampler).",
+    )
     mixed_precision: Precision = Field(
         default="bf16",
         description='"bf16", "fp16" or "no". On hardware without support the trainer falls back to fp32 and says so.',

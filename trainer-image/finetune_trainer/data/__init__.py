@@ -5,6 +5,7 @@
     tokenize_conversation          chat template (or plain format), loss on responses only,
     (tokenize.py)                  tools, BOS/EOS, truncation at training.max_seq_length;
                                    raw documents (format text) learned whole, in pieces
+    pack_samples (packing.py)      training.sample_packing: short samples share rows, isolated
     prepare_data                   all of it, for dataset.train_path and dataset.eval_path
 
 Problems a user can fix raise `DataError` naming the config field, or the file and row.
@@ -56,19 +57,24 @@ class DataStats:
     turns: int = 0  # turns in the kept conversations (documents: pieces)
     tool_calls: int = 0  # assistant tool calls in them
     learned_tokens: int = 0  # tokens with a label (what the loss is computed on)
+    packed_rows: int = 0  # rows the samples were packed into (training.sample_packing), else 0
+    packing_efficiency: float = 0.0  # real tokens / (packed rows x max_seq_length)
 
     def summary(self, name: str = "train", max_length: int | None = None) -> str:
         at = f" at {max_length} tokens" if max_length else ""
         learned = f" ({self.learned_tokens / self.tokens:.0%} learned)" if self.tokens else ""
         calls = f", {self.tool_calls} tool calls" if self.tool_calls else ""
         skipped = f", {self.skipped} bad rows skipped" if self.skipped else ""
+        packed = (f"; packed into {self.packed_rows} rows ({self.packing_efficiency:.0%} of their capacity is real "
+                  f"tokens)" if self.packed_rows else "")
         return (
             f"{name}: {self.rows} rows -> {self.samples} samples, {self.tokens} tokens{learned}, "
             f"{self.turns} turns{calls}; "
             f"{self.truncated} of {self.samples + self.dropped} samples truncated{at}, {self.dropped} dropped{skipped}"
+            f"{packed}"
         )
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | float]:
         return dict(self.__dict__)
 
 
@@ -142,7 +148,8 @@ def skip_bad_rows(problems: list[tuple[int, str]], bound: int, *, source: str) -
     return len(problems)
 
 
-def _prepare_split(location: str, field: str, cfg: FineTuneConfig, tokenizer: Any) -> tuple[datasets.Dataset, DataStats]:
+def _prepare_split(location: str, field: str, cfg: FineTuneConfig, tokenizer: Any,
+                   *, packed: bool = False) -> tuple[datasets.Dataset, DataStats]:
     import datasets
 
     rows = read_rows(location, field=field)
@@ -155,6 +162,13 @@ def _prepare_split(location: str, field: str, cfg: FineTuneConfig, tokenizer: An
     if not samples:
         raise DataError(f"{field}: {rows.source} has no sample to train on ({stats.rows} rows, "
                         f"{stats.skipped} of them bad and skipped)")
+    if packed:
+        from .packing import pack_samples
+
+        result = pack_samples(samples, cfg.training.max_seq_length)
+        stats.packed_rows, stats.packing_efficiency = len(result.rows), round(result.efficiency, 4)
+        columns = {key: [r[key] for r in result.rows] for key in ("input_ids", "labels", "position_ids")}
+        return datasets.Dataset.from_dict(columns), stats
     columns = {key: [s[key] for s in samples] for key in ("input_ids", "attention_mask", "labels")}
     return datasets.Dataset.from_dict(columns), stats
 
@@ -163,7 +177,10 @@ def prepare_data(cfg: FineTuneConfig, tokenizer: Any) -> PreparedData:
     """The training set (and the evaluation set when dataset.eval_path is set), tokenized."""
     if not cfg.dataset.train_path:
         raise DataError("dataset.train_path is not set; point it at a JSON/JSONL file, an s3:// URI or a Hugging Face dataset ID")
-    train, train_stats = _prepare_split(cfg.dataset.train_path, "dataset.train_path", cfg, tokenizer)
+    # Only the training set is packed: the evaluation set's rows are also the prompts the
+    # report's sample answer is generated from, and its per-token loss is the same either way.
+    train, train_stats = _prepare_split(cfg.dataset.train_path, "dataset.train_path", cfg, tokenizer,
+                                        packed=cfg.training.sample_packing)
     stats = {"train": train_stats}
     evaluation = None
     if cfg.dataset.eval_path:
@@ -181,4 +198,7 @@ def data_collator(tokenizer: Any) -> Any:
         if tokenizer.eos_token is None:
             raise DataError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    from .packing import PackedCollator
+
+    return PackedCollator(tokenizer.pad_token_id, fallback=padded)  # packed rows carry position_ids

@@ -50,6 +50,15 @@ def precision_flags(mixed_precision: str, *, use_cpu: bool, bf16_supported: bool
     return {"bf16": False, "fp16": False}, None
 
 
+def _sampling(group_by_length: bool, accepted: Collection[str]) -> dict[str, Any]:
+    """transformers 5 names the sampler (train_sampling_strategy); 4.x had group_by_length."""
+    if not group_by_length:
+        return {}
+    if "train_sampling_strategy" in accepted:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
 def _checkpointing(enabled: bool, accepted: Collection[str]) -> dict[str, Any]:
     # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP.
     kwargs = {"use_reentrant": False}
@@ -119,6 +128,7 @@ def training_arguments(
         "optim": t.optimizer,
         "weight_decay": t.weight_decay,
         **_checkpointing(t.gradient_checkpointing, accepted),
+        **_sampling(t.group_by_length, accepted),
         **precision,
         "seed": t.seed,
         "data_seed": t.seed,

@@ -69,12 +69,16 @@ def data_record(stats: dict[str, dict[str, int]], *, step: int, now: float) -> d
 
 
 class DataFields:
-    """Adds the data counts to every progress update (status.progress.samples, skippedRows)."""
+    """Adds the data counts to every progress update (status.progress.samples, skippedRows,
+    and with training.sample_packing packedRows and packingEfficiency)."""
 
     def __init__(self, stats: dict[str, Any]):
-        self.fields = {"samples": stats["train"].samples, "skipped_rows": sum(s.skipped for s in stats.values())}
+        train = stats["train"]
+        self.fields = {"samples": train.samples, "skipped_rows": sum(s.skipped for s in stats.values())}
+        if getattr(train, "packed_rows", 0):
+            self.fields.update(packed_rows=train.packed_rows, packing_efficiency=train.packing_efficiency)
 
-    def progress_fields(self) -> dict[str, int]:
+    def progress_fields(self) -> dict[str, int | float]:
         return dict(self.fields)
 
 
