@@ -13,6 +13,13 @@ is the child's ru_maxrss from wait4. Our overhead target: ratio >= 0.95.
 and on a mixed-length set (the demo rows, every fourth one with a long response), by effective
 tokens/s: real trained tokens (non-padding) per second of train_runtime. Target on the mixed
 set: packed >= 1.5x unpacked; peak RSS at most 10% above.
+
+--limits compares `finetune train` (packed) with the machine's limits on the same packed rows:
+(a) a bare PyTorch loop (peft LoRA, bf16 autocast, AdamW: forward, backward, step, nothing
+else), target ours >= 0.9x; (b) model FLOP utilisation: about 4N FLOPs per trained token for
+LoRA (forward 2N, backward through frozen weights 2N, no weight gradients; N = every parameter
+that takes part in a matmul, the tied embedding as lm_head included) times tokens/s, over the
+peak of a 2048x2048 bf16 GEMM measured in the same run with the same threads.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "examples" / "data" / "alpaca_demo.jsonl"
@@ -89,6 +97,60 @@ def mixed_rows(rows: list[str]) -> list[str]:
             row = {**row, "output": " ".join(p["output"] for p in parsed[i:i + 8] or parsed[:8])}
         out.append(json.dumps(row))
     return out
+
+
+BARE_LOOP = textwrap.dedent(
+    """
+    import json, sys, time
+    import datasets, torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from finetune_trainer.data.packing import PackedCollator
+    from finetune_trainer.model import builtin
+
+    rows_dir, settings, lora = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    torch.manual_seed(settings["seed"])
+    model = AutoModelForCausalLM.from_pretrained(builtin.model_dir(), attn_implementation="sdpa")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                             target_modules=targets, task_type="CAUSAL_LM"))
+    model.train()
+    rows = datasets.load_from_disk(rows_dir)
+    collate = PackedCollator(0, fallback=None)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings["learning_rate"])
+    batch_size = settings["micro_batch_size"]
+    batches = [collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))])
+               for i in range(0, len(rows), batch_size)]
+    start = time.perf_counter()
+    for batch in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    elapsed = time.perf_counter() - start
+    real = sum(len(ids) for ids in rows["input_ids"])
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" in name or p.dim() == 2)
+    print("RESULT " + json.dumps({"seconds": elapsed, "tokens": real, "matmul_params": n}))
+    """
+)
+
+GEMM_PEAK = textwrap.dedent(
+    """
+    import json, time, torch
+    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        runs.append(10 * 2 * 2048 ** 3 / (time.perf_counter() - start))
+    print("RESULT " + json.dumps({"flops": sorted(runs)[len(runs) // 2], "threads": torch.get_num_threads()}))
+    """
+)
 
 
 def prepare(work: Path, samples: int, *, packing: bool = False, mixed: bool = False) -> tuple[Path, Path, Path]:
@@ -191,14 +253,56 @@ def packing_comparison(samples: int, repeats: int) -> int:
     return 0 if met else 1
 
 
+def _script_result(work: Path, name: str, source: str, *args: str) -> tuple[dict[str, Any], float]:
+    script = work / name
+    script.write_text(source)
+    stdout, rss = _run_measured([sys.executable, str(script), *args], work)
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:]), rss
+
+
+def limits_comparison(samples: int, repeats: int) -> int:
+    """Ours (packed) vs a bare loop on the same packed rows, and both as a share of the GEMM peak."""
+    med = statistics.median
+    with tempfile.TemporaryDirectory(prefix="trainer-limits-") as tmp:
+        work = Path(tmp)
+        config, rows_dir, _ = prepare(work, samples, packing=True, mixed=True)
+        ours, bare, peaks, params = [], [], [], 0
+        for r in range(repeats):
+            peak, _ = _script_result(work, "gemm.py", GEMM_PEAK)
+            peaks.append(peak["flops"])
+            order = ["ours", "bare"] if r % 2 == 0 else ["bare", "ours"]
+            for name in order:
+                if name == "ours":
+                    tps = run_ours(config, work)["tokens_per_second"]
+                    ours.append(tps)
+                else:
+                    result, _ = _script_result(work, "bare_loop.py", BARE_LOOP, str(rows_dir), json.dumps(SETTINGS),
+                                               json.dumps(LORA))
+                    tps, params = result["tokens"] / result["seconds"], result["matmul_params"]
+                    bare.append(tps)
+                print(f"repeat {r + 1} {name}: {tps:8.1f} tokens/s (bf16 GEMM peak {peak['flops'] / 1e9:.0f} GFLOP/s, "
+                      f"{peak['threads']} threads)", flush=True)
+    peak = med(peaks)
+    ratio = med(ours) / med(bare)
+    for label, tps in (("finetune train (packed)", med(ours)), ("bare PyTorch loop", med(bare))):
+        print(f"{label:24}: {tps:8.1f} tokens/s; at 4N = {4 * params / 1e9:.2f} GFLOP/token: "
+              f"{4 * params * tps / 1e9:.1f} GFLOP/s, {4 * params * tps / peak:.1%} of the bf16 GEMM peak "
+              f"({peak / 1e9:.0f} GFLOP/s)")
+    print(f"ours / bare loop: {ratio:.3f} (target >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'})")
+    return 0 if ratio >= 0.9 else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64, help="demo rows to train on (one epoch)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, order alternating")
     parser.add_argument("--packing", action="store_true", help="packed vs unpacked instead of ours vs plain")
+    parser.add_argument("--limits", action="store_true", help="ours (packed) vs a bare loop and the GEMM peak")
     args = parser.parse_args()
     if args.packing:
         return packing_comparison(args.samples, args.repeats)
+    if args.limits:
+        return limits_comparison(args.samples, args.repeats)
     with tempfile.TemporaryDirectory(prefix="trainer-throughput-") as tmp:
         work = Path(tmp)
         config, samples_dir, _ = prepare(work, args.samples)
