@@ -234,11 +234,9 @@ def test_kueue_admission_is_never_undone(world, tmp_path):
     assert child["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus" and child["spec"]["suspend"] is True
     api_version, kind, _ = KINDS[backend]
     world.cluster.kube.patch(api_version, kind, "default", "demo", {"spec": {"suspend": False}})  # Kueue admits
-    world.cluster.kube.patch(*FTJ, "default", "demo", {"metadata": {"labels": {"touched": "1"}},
-                                                       "spec": {"queue_name": "gpus"}})
-    world.operator.stop()  # a restart reconciles (resume) every job again
+    world.operator.stop()  # a restart reconciles (resume) every job again, applying its children
     world.operator = OperatorThread(world.emulator.url).start()
-    world.cluster.wait_condition("demo", "Accepted", "True")
+    wait_for(lambda: world.operator.memo.stats["reconciles"] >= 1, what="the restarted operator's reconcile")
     assert world.child(backend)["spec"]["suspend"] is False
 
 
@@ -248,9 +246,11 @@ def test_spec_edit_after_start_is_rejected_and_delete_collects_the_child(world, 
     world.cluster.apply_job("demo", spec(tmp_path))
     wait_for(lambda: world.child(backend), what="the child")
     world.cluster.wait_condition("demo", "Accepted", "True")
+    before = world.child(backend)
     world.cluster.kube.patch(*FTJ, "default", "demo", {"spec": {"training": {"learning_rate": 1e-3}}})
     world.cluster.wait_condition("demo", "Accepted", "False", reason="SpecChangeRejected")
-    assert world.child(backend)["metadata"]["annotations"]["finetune.dev/spec-hash"]  # untouched
+    after = world.child(backend)  # the run keeps its spec: the child was not patched
+    assert after["spec"] == before["spec"] and after["metadata"]["annotations"] == before["metadata"]["annotations"]
     world.cluster.kube.delete(*FTJ, "default", "demo")
     wait_for(lambda: world.child(backend) is None and not world.emulator.objects("configmaps"),
              what="the child garbage-collected")
@@ -385,3 +385,29 @@ def test_an_operator_on_a_crd_without_backends_says_how_to_upgrade(tmp_path, cap
                 operator.stop()
     message = next(r.getMessage() for r in caplog.records if "predates" in r.getMessage())
     assert "spec.backend" in message and "kubectl apply --server-side" in message
+
+
+def test_discovery_remembers_what_it_found_and_never_an_empty_answer():
+    """backends.Discovery over the emulator's real discovery endpoints: a found set is reused
+    for `ttl` (one GET per group/version, not one per job), an empty one is asked again."""
+    from finetune_operator.backends import Discovery
+
+    now = [0.0]
+    with EmulatorThread(workloads=()) as emulator:
+        kube = Cluster(emulator).kube
+
+        def asked() -> int:
+            return sum(1 for r in emulator.requests() if r.url.path.startswith(("/apis/trainer", "/apis/jobset",
+                                                                                  "/apis/kubeflow")))
+
+        discovery = Discovery(ttl=30, clock=lambda: now[0])
+        assert discovery.served(kube) == frozenset() and discovery.served(kube) == frozenset()
+        assert asked() == 6  # nothing found: asked each time (three group/versions each)
+        emulator.serve("jobset")
+        assert discovery.served(kube) == {"jobset"}
+        emulator.serve("trainjob")
+        assert discovery.served(kube) == {"jobset"} and asked() == 9  # remembered within the ttl
+        now[0] = 31.0
+        assert discovery.served(kube) == {"jobset", "trainjob"} and asked() == 12
+        discovery.forget()
+        assert discovery.served(kube) == {"jobset", "trainjob"} and asked() == 15

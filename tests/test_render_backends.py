@@ -247,3 +247,10 @@ def test_backend_names_are_one_list():
     assert parse_enabled("jobset, pytorchjob") == ("jobset", "pytorchjob")
     with pytest.raises(ValueError):
         parse_enabled("jobset,argo")
+
+
+def test_a_misspelt_backend_is_one_message_naming_the_field():
+    with pytest.raises(ConfigError) as exc:
+        render(job(backend="jobsets"), SETTINGS)
+    (issue,) = [i for i in exc.value.errors if i.path == "spec.backend"]
+    assert "'auto'" in issue.message and "'jobset'" in issue.message

@@ -28,6 +28,12 @@ def array(items: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"type": "array", "items": items, **extra}
 
 
+def resource(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A namespaced object of one kind: apiVersion and kind fixed, ObjectMeta, this spec."""
+    return obj(["apiVersion", "kind", "metadata", "spec"], apiVersion={"enum": [api_version]}, kind={"enum": [kind]},
+               metadata=METADATA, spec=spec)
+
+
 # ------------------------------------------------------------------------------ TrainJob
 
 CONTAINER_PATCH = obj(["name"], name=STRING, env=array(OPEN), volumeMounts=array(OPEN), securityContext=OPEN)
@@ -50,12 +56,9 @@ RUNTIME_PATCH = obj(
         ), maxItems=100)),
     )),
 )
-TRAINJOB = obj(
-    ["apiVersion", "kind", "metadata", "spec"],
-    apiVersion={"enum": ["trainer.kubeflow.org/v1alpha1"]},
-    kind={"enum": ["TrainJob"]},
-    metadata=METADATA,
-    spec=obj(
+TRAINJOB = resource(
+    "trainer.kubeflow.org/v1alpha1", "TrainJob",
+    obj(
         ["runtimeRef"],
         runtimeRef=obj(["name"], name={"type": "string", "minLength": 1, "maxLength": 253},
                        apiGroup=STRING, kind={"enum": ["ClusterTrainingRuntime", "TrainingRuntime"]}),
@@ -87,12 +90,9 @@ FAILURE_RULE = obj(
     onJobFailureMessagePatterns=array(STRING),
     targetReplicatedJobs=array(STRING),
 )
-JOBSET = obj(
-    ["apiVersion", "kind", "metadata", "spec"],
-    apiVersion={"enum": ["jobset.x-k8s.io/v1alpha2"]},
-    kind={"enum": ["JobSet"]},
-    metadata=METADATA,
-    spec=obj(
+JOBSET = resource(
+    "jobset.x-k8s.io/v1alpha2", "JobSet",
+    obj(
         ["replicatedJobs"],
         suspend=BOOL,
         managedBy=STRING,

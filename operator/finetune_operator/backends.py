@@ -22,6 +22,8 @@ from typing import Any
 
 from finetune_trainer import contract as c
 
+from . import status as st
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -73,8 +75,8 @@ def backend_of(manifest: Mapping[str, Any]) -> Backend | None:
 
 # ------------------------------------------------------------------ the choice (pure)
 
-REASON_NOT_INSTALLED = "BackendNotInstalled"  # status.REASON_BACKEND_NOT_INSTALLED (same string, checked in tests)
-REASON_NOT_ENABLED = "BackendNotEnabled"
+REASON_NOT_INSTALLED = st.REASON_BACKEND_NOT_INSTALLED
+REASON_NOT_ENABLED = st.REASON_BACKEND_NOT_ENABLED
 
 
 @dataclass(frozen=True)

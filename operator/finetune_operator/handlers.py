@@ -43,7 +43,7 @@ from finetune_trainer.config import ConfigError
 
 from . import backends as bk
 from . import status as st
-from finetune_trainer.contract import ANNOTATION_BACKEND, ANNOTATION_SPEC_HASH, LABEL_JOB_NAME
+from finetune_trainer.contract import ANNOTATION_BACKEND, ANNOTATION_SPEC_HASH, BACKEND_AUTO, LABEL_JOB_NAME
 from .kube import JSON_PATCH, RETRY_DELAY, ApiError, Kube, status_json_patch
 from .render import config_map_name, render, spec_hash
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
@@ -131,7 +131,7 @@ def configmap_backend(kube: Kube, job: Mapping[str, Any]) -> str | None:
 def choose_backend(kube: Kube, job: Mapping[str, Any], settings: Any, discovery: Any,
                    recorded: str | None) -> bk.Choice | bk.Refusal:
     spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
-    requested = spec.get("backend") if spec.get("backend") in (*bk.BACKENDS, "auto") else None
+    requested = spec.get("backend") if spec.get("backend") in (*bk.BACKENDS, BACKEND_AUTO) else None
     return bk.choose(requested, default=settings.default_backend, enabled=settings.enabled_backends,
                      served=lambda: discovery.served(kube), recorded=recorded)
 

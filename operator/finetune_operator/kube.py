@@ -40,12 +40,17 @@ MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 
 
+def api_base(api_version: str) -> str:
+    """/api/v1 for the core group, /apis/<group>/<version> for the others."""
+    return "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+
+
 def resource_path(
     api_version: str, kind: str, namespace: str | None = None, name: str | None = None, subresource: str | None = None
 ) -> str:
     """/api/v1/namespaces/ns/configmaps/name, /apis/group/version/..., + /status."""
     plural = PLURALS[(api_version, kind)]
-    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    base = api_base(api_version)
     scope = "" if (api_version, kind) in CLUSTER_SCOPED or namespace is None else f"/namespaces/{namespace}"
     path = f"{base}{scope}/{plural}"
     if name:
@@ -221,8 +226,7 @@ class Kube:
 
     def discover(self, api_version: str) -> list[dict[str, Any]]:
         """The resources one group/version serves (its APIResourceList); 404: not served."""
-        base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-        return list(self._call("GET", base).get("resources") or [])
+        return list(self._call("GET", api_base(api_version)).get("resources") or [])
 
     def create(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         meta = manifest.get("metadata") or {}

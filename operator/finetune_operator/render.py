@@ -181,7 +181,9 @@ def render(job: dict[str, Any], settings: RenderSettings, backend: str | None = 
     from .workloads import workload
 
     spec_backend = (job.get("spec") or {}).get("backend") if isinstance(job.get("spec"), dict) else None
-    chosen = BACKENDS[backend or settings.offline_backend(spec_backend if isinstance(spec_backend, str) else None)]
+    name = backend or settings.offline_backend(spec_backend if isinstance(spec_backend, str) else None)
+    # A misspelt spec.backend renders nothing: check() reports it with the values it may take.
+    chosen = BACKENDS.get(name, PYTORCHJOB)
     spec: FineTuneJobSpec = check(job, settings, chosen).config  # type: ignore[assignment]
     ctx = _Context.of(job, spec, settings, chosen)
     return [config_map(ctx), service_account(ctx), role(ctx), role_binding(ctx), workload(ctx)]

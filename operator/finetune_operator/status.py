@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_trainer.contract import CONTAINER_NAME as PYTORCH_CONTAINER
+from finetune_trainer import contract as c
 from finetune_trainer.contract import JOB_COMPLETION_INDEX_ANNOTATION, REPLICA_TYPE_LABEL, exit_code_is_retryable
 
 # ------------------------------------------------------------------ condition types and values
@@ -225,7 +226,7 @@ def summarize_pytorchjob(pytorchjob: Mapping[str, Any], exit_info: ExitInfo | No
     FineTuneJob's reconcile and the child's watch) derive conditions from this record."""
     status = pytorchjob.get("status") or {}
     return _summary(
-        "pytorchjob", pytorchjob,
+        c.BACKEND_PYTORCHJOB, pytorchjob,
         suspend=bool(((pytorchjob.get("spec") or {}).get("runPolicy") or {}).get("suspend")),
         conditions=[
             {k: c[k] for k in ("type", "status", "reason", "message") if k in c} for c in status.get("conditions") or []
@@ -261,6 +262,11 @@ def _true_conditions(child: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
 def _jobs_counts(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
     return {str(r.get("name") or ""): {k: int(r.get(k) or 0) for k in ("active", "ready", "succeeded", "failed", "suspended")}
             for r in rows}
+
+
+def _replicas(counts: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    """Child Job counts as status.workload.replicaStatuses records them (PyTorchJob's keys)."""
+    return {name: {k: v for k, v in row.items() if k in ("active", "succeeded", "failed")} for name, row in counts.items()}
 
 
 def _running_conditions(counts: Mapping[str, Mapping[str, int]], *, reported: bool, terminal: bool,
@@ -302,9 +308,8 @@ def summarize_jobset(jobset: Mapping[str, Any], exit_info: ExitInfo | None = Non
     if failed:
         conditions.append(_true("Failed", str((true.get("Failed") or {}).get("reason") or "Failed"),
                                 str((true.get("Failed") or {}).get("message") or "the JobSet failed")))
-    return _summary("jobset", jobset, suspend=bool((jobset.get("spec") or {}).get("suspend")), conditions=conditions,
-                    replicas={n: {k: v for k, v in r.items() if k in ("active", "succeeded", "failed")} for n, r in counts.items()},
-                    exit_info=exit_info, restarts=restarts)
+    return _summary(c.BACKEND_JOBSET, jobset, suspend=bool((jobset.get("spec") or {}).get("suspend")),
+                    conditions=conditions, replicas=_replicas(counts), exit_info=exit_info, restarts=restarts)
 
 
 def summarize_trainjob(trainjob: Mapping[str, Any], exit_info: ExitInfo | None = None) -> dict[str, Any]:
@@ -322,14 +327,14 @@ def summarize_trainjob(trainjob: Mapping[str, Any], exit_info: ExitInfo | None =
     for ctype, ours in (("Suspended", "Suspended"), ("Complete", "Succeeded"), ("Failed", "Failed")):
         if ctype in true:
             conditions.append(_true(ours, str(true[ctype].get("reason") or ours), str(true[ctype].get("message") or "")))
-    return _summary("trainjob", trainjob, suspend=bool((trainjob.get("spec") or {}).get("suspend")), conditions=conditions,
-                    replicas={n: {k: v for k, v in r.items() if k in ("active", "succeeded", "failed")} for n, r in counts.items()},
-                    exit_info=exit_info)
+    return _summary(c.BACKEND_TRAINJOB, trainjob, suspend=bool((trainjob.get("spec") or {}).get("suspend")),
+                    conditions=conditions, replicas=_replicas(counts), exit_info=exit_info)
 
 
-KINDS = {"pytorchjob": "PyTorchJob", "jobset": "JobSet", "trainjob": "TrainJob"}
+KINDS = {c.BACKEND_PYTORCHJOB: c.PYTORCHJOB_KIND, c.BACKEND_JOBSET: c.JOBSET_KIND, c.BACKEND_TRAINJOB: c.TRAINJOB_KIND}
 SUMMARIZERS: Mapping[str, Callable[..., dict[str, Any]]] = {
-    "pytorchjob": summarize_pytorchjob, "jobset": summarize_jobset, "trainjob": summarize_trainjob,
+    c.BACKEND_PYTORCHJOB: summarize_pytorchjob, c.BACKEND_JOBSET: summarize_jobset,
+    c.BACKEND_TRAINJOB: summarize_trainjob,
 }
 
 
@@ -746,7 +751,7 @@ def conditions_for(
     out: dict[str, Any] = {"observedGeneration": acceptance.generation, "phase": row.phase, "conditions": conditions}
     if workload is not None:
         out["workload"] = dict(workload)
-        out["backend"] = workload.get("backend") or "pytorchjob"
+        out["backend"] = workload.get("backend") or c.BACKEND_PYTORCHJOB
     return out
 
 

@@ -23,9 +23,6 @@ from finetune_trainer import contract as c
 from .backends import JOBSET, PYTORCHJOB, TRAINJOB
 from .render import _Context, container, env, pod_template, resources
 
-PERMANENT_EXIT_CODES = list(range(1, 128))  # the exit-code contract's "a retry cannot fix it"
-
-
 def workload(ctx: _Context) -> dict[str, Any]:
     return BUILDERS[ctx.backend.name](ctx)
 
@@ -80,7 +77,7 @@ def job_set(ctx: _Context) -> dict[str, Any]:
         "backoffLimit": 0,  # a failed pod fails its Job; the JobSet then fails or restarts the group
         "podFailurePolicy": {"rules": [
             {"action": "FailJob",
-             "onExitCodes": {"containerName": c.CONTAINER_NAME, "operator": "In", "values": PERMANENT_EXIT_CODES}},
+             "onExitCodes": {"containerName": c.CONTAINER_NAME, "operator": "In", "values": list(c.PERMANENT_EXIT_CODES)}},
         ]},
         "template": template,
     }

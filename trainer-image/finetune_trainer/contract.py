@@ -210,6 +210,7 @@ EXIT_OK = 0
 EXIT_PERMANENT = 1  # bad config, missing data, NaN loss: a retry cannot fix it
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved a checkpoint on SIGTERM; resume on retry
 RETRYABLE_EXIT_CODES = range(128, 256)
+PERMANENT_EXIT_CODES = range(EXIT_PERMANENT, RETRYABLE_EXIT_CODES.start)  # 1-127
 
 
 def exit_code_is_retryable(code: int) -> bool:

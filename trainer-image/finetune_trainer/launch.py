@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .contract import exit_code_is_retryable, world
+from .contract import ENV_PET_NPROC_PER_NODE, exit_code_is_retryable, world
 from .cpu_threads import set_threads_env
 from .process_guard import mark_not_dumpable
 
@@ -82,7 +82,7 @@ def run_torchrun(argv: list[str]) -> None:
 def launch(config: str, overrides: list[str]) -> int:
     mark_not_dumpable()
     env = {**os.environ}
-    nproc = os.environ.get("PET_NPROC_PER_NODE", "1")
+    nproc = os.environ.get(ENV_PET_NPROC_PER_NODE, "1")
     # torchrun alone sets 1 thread per worker when it starts several, and leaves one worker
     # with every core of the node even under a CPU limit: divide what the pod really has.
     print(f"finetune launch: {set_threads_env(env, int(nproc) if nproc.isdigit() else 1)}", file=sys.stderr, flush=True)
