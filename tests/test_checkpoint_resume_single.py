@@ -365,13 +365,11 @@ def test_a_checkpoints_with_manifests_retention_and_final_artifacts(tmp_path, ti
 # ------------------------------------------------------------------ (b) SIGKILL, new pod
 
 
-def test_b_sigkill_after_the_second_checkpoint_new_pod_resumes_from_storage(
-        tmp_path, tiny_model_dir, s3_bucket, s3_endpoint):
-    bucket = Bucket(s3_endpoint, s3_bucket, "team-a/job-b")
-    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=24, save_steps=4)
+def kill_after_the_second_checkpoint_and_resume(tmp_path: Path, config: Path, bucket: Bucket):
+    """SIGKILL once the second checkpoint is complete in storage and the run trained past it;
+    a new pod (empty disk) resumes from it and runs to step 24, the same losses as the killed run."""
     out = output_dir(config)
     proc = start_train(config, tmp_path / "1.log")
-    # the second checkpoint is complete in storage and the run has trained past it
     wait_until(lambda: trained_past_second_checkpoint(bucket, out), proc, tmp_path / "1.log",
                "a second complete checkpoint")
     kill_pod(proc)
@@ -385,6 +383,80 @@ def test_b_sigkill_after_the_second_checkpoint_new_pod_resumes_from_storage(
     assert f"resuming from {out}/checkpoint-{newest} (downloaded from {bucket.uri}" in tail(tmp_path / "2.log", 10**6)
     assert results["global_step"] == 24
     assert_resumed_exactly(killed, out, newest, 24)
+    return out, newest, killed
+
+
+def test_b_sigkill_after_the_second_checkpoint_new_pod_resumes_from_storage(
+        tmp_path, tiny_model_dir, s3_bucket, s3_endpoint):
+    bucket = Bucket(s3_endpoint, s3_bucket, "team-a/job-b")
+    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=24, save_steps=4)
+    out, newest, killed = kill_after_the_second_checkpoint_and_resume(tmp_path, config, bucket)
+    assert bucket.complete() == [20, 24]
+    assert_final_artifacts(bucket, out, 24)
+
+
+# ------------------------------------------------------------------ (b2) the same, with sample packing
+
+
+PACKED_SAMPLES, PACKED_SEQ, PACKED_BATCH = 150, 128, 2  # 150 distinct samples of 35-45 tokens -> 50 rows of 3
+
+
+def write_packed_data(path: Path) -> Path:
+    """Distinct samples whose answers run 1-6 words, so rows hold several samples of unequal length."""
+    words = ["apple", "banana", "cherry", "date"]
+    rows = [{"instruction": f"Say word {i}.", "output": " ".join([words[i % 4]] * (1 + i * 7 % 6))}
+            for i in range(PACKED_SAMPLES)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def data_records(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("data")]
+
+
+def packing_line(log: Path) -> str:
+    found = re.findall(r"train: .*; packed into \d+ rows \(\d+% of their capacity is real tokens\)", tail(log, 10**7))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_b2_sample_packing_sigkill_new_pod_resumes_at_the_same_packed_row(
+        tmp_path, tiny_model_dir, s3_bucket, s3_endpoint):
+    """Packing runs before the Trainer's sampler, so an exact resume needs the restart to pack
+    the very same rows in the same order; there are more packed rows than the 24 steps consume
+    (no epoch ends), so a restart that packed differently or lost its data position would
+    train other rows and log other losses. Compared with an uninterrupted run, step by step."""
+    data = write_packed_data(tmp_path / "packed.jsonl")
+    sections = {"training": {"sample_packing": True, "max_seq_length": PACKED_SEQ},
+                "dataset": {"train_path": str(data)}}
+    (tmp_path / "reference").mkdir()
+    reference_config = write_config(tmp_path / "reference", tiny_model_dir,
+                                    Bucket(s3_endpoint, s3_bucket, "team-a/job-b2-reference").uri,
+                                    max_steps=24, save_steps=4, micro_batch_size=PACKED_BATCH, **sections)
+    run_to_end(reference_config, tmp_path / "reference.log")
+    reference = output_dir(reference_config)
+    packed = data_records(reference)[0]["data"]["train"]
+    assert packed["samples"] == PACKED_SAMPLES and packed["packed_rows"] > 24 * PACKED_BATCH, packed
+    assert packed["samples"] / packed["packed_rows"] >= 2.5, packed  # several samples a row
+    assert 0.5 < packed["packing_efficiency"] < 1
+
+    bucket = Bucket(s3_endpoint, s3_bucket, "team-a/job-b2")
+    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=24, save_steps=4,
+                          micro_batch_size=PACKED_BATCH, **sections)
+    out, newest, killed = kill_after_the_second_checkpoint_and_resume(tmp_path, config, bucket)
+    # every step after the checkpoint (not only those the killed run reached) as uninterrupted
+    expected, resumed = losses(reference), losses(out)
+    assert sorted(expected) == sorted(resumed) == list(range(1, 25))
+    for step in range(newest + 1, 25):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), (step, expected[step], resumed[step])
+    # the restart packed the same rows: its own data record (at the resume step) and log line
+    records = data_records(out)
+    assert [r["step"] for r in records] == [0, newest], records  # the killed run's, then the restart's
+    for record in (*records, data_records(killed)[0]):
+        assert record["data"]["train"] == packed, record
+    lines = {packing_line(tmp_path / name) for name in ("reference.log", "1.log", "2.log")}
+    assert len(lines) == 1, lines
     assert bucket.complete() == [20, 24]
     assert_final_artifacts(bucket, out, 24)
 

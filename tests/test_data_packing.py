@@ -156,3 +156,18 @@ def test_the_data_stage_log_line_says_how_well_it_packed():
     stats = DataStats(rows=10, samples=10, truncated=0, dropped=0, tokens=800, packed_rows=4, packing_efficiency=0.78)
     assert "packed into 4 rows (78% of their capacity is real tokens)" in stats.summary()
     assert "packed" not in DataStats(rows=1, samples=1, truncated=0, dropped=0, tokens=5).summary()
+
+
+def test_real_tokens_counts_pad_ids_inside_samples_and_not_the_padding():
+    import torch
+
+    pad = 2  # SmolLM2 pads with <|im_end|>, which ends every turn of every sample
+    a = {"input_ids": [5, 6, pad], "labels": [IGNORE_INDEX, 6, pad]}
+    b = {"input_ids": [7, pad], "labels": [IGNORE_INDEX, pad]}
+    rows = [packed_row([a, b]), packed_row([b])]
+    batch = PackedCollator(pad, fallback=None)(rows)
+    from finetune_trainer.data.packing import real_tokens
+
+    assert batch["input_ids"].shape == (2, 5)
+    assert real_tokens(batch["input_ids"], batch["position_ids"], batch["labels"], pad) == 5 + 2
+    assert int((batch["input_ids"] != pad).sum()) == 3 + 1  # what counting by pad id would say

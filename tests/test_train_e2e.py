@@ -289,3 +289,19 @@ def test_group_by_length_trains(tmp_path, tiny_model_dir, capsys):
     cfg = tiny_config(tmp_path, tiny_model_dir, training={"group_by_length": True})
     assert run_train(tmp_path, cfg) == 0, capsys.readouterr().err
     assert_loss_fell(tmp_path / "out")
+
+
+def test_sample_packing_counts_every_real_token_and_no_padding(tmp_path, tiny_model_dir, capsys):
+    """Packed batches have no attention_mask, and SmolLM2's pad id (<|im_end|>) ends every turn
+    of every sample: tokens/s must count by the rows' shape, not by the pad id. Two rows a step
+    (so the shorter is padded), two whole epochs: the tokens trained are the data's, twice."""
+    cfg = tiny_config(tmp_path, tiny_model_dir, training={"sample_packing": True, "micro_batch_size": 2,
+                                                          "max_seq_length": 128, "max_steps": None, "epochs": 2},
+                      evaluation={"do_eval": False})
+    rc = run_train(tmp_path, cfg)
+    assert rc == 0, capsys.readouterr().err
+    out = tmp_path / "out"
+    data = metrics(out)[0]["data"]["train"]
+    assert data["packed_rows"] >= 3  # so some step pads
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["train_tokens"] == 2 * data["tokens"]

@@ -79,10 +79,11 @@ def train(
     main = is_main_process()
 
     import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
     from .methods import prepare_model
     from .model.loading import load_tokenizer
+    from .training.trainer import FineTuneTrainer
 
     set_seed(cfg.training.seed)
     if main:
@@ -139,7 +140,7 @@ def train(
             log.info("resuming from %s", resume)
 
     session = SessionRecorder()
-    trainer = Trainer(
+    trainer = FineTuneTrainer(
         model=method.model,
         args=args,
         train_dataset=data.train,

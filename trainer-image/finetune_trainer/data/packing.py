@@ -107,6 +107,20 @@ class PackedCollator:
         return {**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}, "use_cache": False}
 
 
+def real_tokens(input_ids: Any, position_ids: Any, labels: Any, pad_token_id: int) -> int:
+    """Tokens of a collated packed batch that are not padding. There is no attention_mask to
+    count, and the pad id is often a token every sample holds (SmolLM2 pads with <|im_end|>), so
+    padding is found by shape: the row's last segment (positions restarting at 0) when it is
+    all pad ids and learns nothing."""
+    total = 0
+    for ids, positions, marks in zip(input_ids.tolist(), position_ids.tolist(), labels.tolist()):
+        start = len(positions) - 1 - positions[::-1].index(0) if 0 in positions else 0
+        tail = range(start, len(ids))
+        padded = start > 0 and all(ids[i] == pad_token_id and marks[i] == IGNORE_INDEX for i in tail)
+        total += start if padded else len(ids)
+    return total
+
+
 def isolation_problem(model: Any) -> str | None:
     """Why packed rows would leak between samples in this model, or None when they cannot."""
     import inspect

@@ -76,6 +76,9 @@ def prepare_lora(cfg: FineTuneConfig, *, device_map: Any = None) -> tuple[PeftMo
             gradient_checkpointing_kwargs=dict(GRADIENT_CHECKPOINTING_KWARGS),
         )
     peft_model = get_peft_model(model, lora_config(cfg))
+    from .dropout import use_cpu_dropout
+
+    use_cpu_dropout(peft_model)
     lora = cfg.fine_tuning.lora
     adapted = sum(1 for name, _ in peft_model.named_modules() if name.endswith(".lora_A"))
     base = f"{4 if cfg.model.load_in_4bit else 8}-bit base" if kbit else "frozen base"
