@@ -31,7 +31,7 @@ PATCHES = [
          {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
      "env": [{"name": "NCCL_DEBUG", "value": "INFO"}], "termination_grace_period_seconds": 600,
      "storage": {"uri": "s3://ckpt/runs", "credentials_secret": "s3", "endpoint_url": "http://minio:9000"}},
-    {"suspend": True, "training_runtime": "torch-custom"},
+    {"suspend": True},
 ]
 
 
@@ -193,6 +193,14 @@ def test_trainjob_refuses_what_its_patches_cannot_carry():
     assert [i.path for i in exc.value.errors] == ["spec.priority_class_name"]
     assert "ClusterTrainingRuntime" in exc.value.errors[0].message
     assert render(job(priority_class_name="high"), SETTINGS, "jobset")  # JobSet carries the whole pod
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "jobset"])
+def test_a_training_runtime_on_a_backend_that_ignores_it_is_refused_not_dropped(backend):
+    with pytest.raises(ConfigError) as exc:
+        render(job(training_runtime="my-runtime"), SETTINGS, backend)
+    assert [i.path for i in exc.value.errors] == ["spec.training_runtime"]
+    assert f"runs on {backend}" in exc.value.errors[0].message and "spec.backend to trainjob" in exc.value.errors[0].message
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

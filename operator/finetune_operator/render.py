@@ -153,11 +153,16 @@ def resource_issues(spec: FineTuneJobSpec) -> list[ConfigIssue]:
 def backend_issues(spec: FineTuneJobSpec, backend: Backend) -> list[ConfigIssue]:
     """What a backend's API cannot carry. A TrainJob's runtimePatches may set only some pod
     fields (serviceAccountName, volumes, securityContext, scheduling, the grace period)."""
+    issues = []
     if backend is TRAINJOB and spec.priority_class_name:
-        return [ConfigIssue("spec.priority_class_name", "the trainjob backend cannot set a PriorityClass (Trainer "
-                            "v2's runtimePatches do not allow it): set it in the ClusterTrainingRuntime, remove it "
-                            "here, or use spec.backend jobset or pytorchjob")]
-    return []
+        issues.append(ConfigIssue("spec.priority_class_name", "the trainjob backend cannot set a PriorityClass "
+                                  "(Trainer v2's runtimePatches do not allow it): set it in the ClusterTrainingRuntime, "
+                                  "remove it here, or use spec.backend jobset or pytorchjob"))
+    if backend is not TRAINJOB and spec.training_runtime:
+        issues.append(ConfigIssue("spec.training_runtime", f"names a ClusterTrainingRuntime, which only the trainjob "
+                                  f"backend uses; this job runs on {backend.name}: set spec.backend to trainjob "
+                                  f"(on a cluster that serves TrainJob) or remove spec.training_runtime"))
+    return issues
 
 
 def storage_issues(spec: FineTuneJobSpec, settings: RenderSettings) -> list[ConfigIssue]:
