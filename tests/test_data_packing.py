@@ -113,6 +113,32 @@ def test_packed_loss_equals_unpacked_per_token(smollm2):
     assert torch.allclose(_token_losses(model, batch), one_by_one, atol=1e-4)
 
 
+def test_a_flattened_batch_trains_the_same_tokens_as_padded_rows(smollm2):
+    """Padding-free (flash-attention's layout): the batch's rows end to end in one row, no pad
+    token anywhere, and per-token losses equal the padded rows' (SDPA isolates both ways here)."""
+    import torch
+
+    model, tokenizer = smollm2
+    samples = _samples(tokenizer)
+    packed = pack_samples(samples, capacity=max(len(s["input_ids"]) for s in samples) + 2)
+    assert len(packed.rows) >= 2  # several rows of unequal length: the padded layout pads
+    padded = PackedCollator(tokenizer.pad_token_id or 0, fallback=None)(packed.rows)
+    flat = PackedCollator(tokenizer.pad_token_id or 0, fallback=None, flatten=True)(packed.rows)
+    real = sum(len(r["input_ids"]) for r in packed.rows)
+    assert flat["input_ids"].shape == (1, real) and padded["input_ids"].numel() > real
+    assert torch.allclose(_token_losses(model, flat), _token_losses(model, padded), atol=1e-4)
+
+
+def test_flash_attention_flattens_and_sdpa_keeps_rows(builtin_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from finetune_trainer.data import data_collator
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_tokenizer_dir)
+    assert data_collator(tokenizer, attention="flash_attention_2").flatten
+    assert not data_collator(tokenizer, attention="sdpa").flatten
+
+
 def test_without_isolation_the_second_sample_sees_the_first(smollm2):
     """The same packed row with plain positions (0..n) and no block mask: the losses move. So the
     equality above holds because of isolation, and this test fails if isolation is removed."""

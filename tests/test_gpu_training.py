@@ -96,8 +96,10 @@ def test_deepspeed_zero_over_nccl_on_the_gpu(tmp_path, tiny_model_dir, stage, me
 
 def test_packed_rows_train_on_the_gpu(tmp_path, tiny_model_dir, caplog):
     """training.sample_packing on CUDA in bf16: SDPA with the block-diagonal mask transformers
-    derives from the packed position_ids. flash_attention_2's varlen path is the same collator
-    and is not covered here (no flash-attn wheel for this torch; see the module docstring)."""
+    derives from the packed position_ids. Under flash_attention_2 the collator flattens the batch
+    into one padding-free row for the varlen kernel (its loss equality is checked on the CPU in
+    test_data_packing.py); that kernel is not run here (no flash-attn wheel for this torch; see the
+    module docstring)."""
     log, peak = train_on_gpu(tmp_path, tiny_model_dir, caplog, "lora",
                              training={"mixed_precision": "bf16", "sample_packing": True, "max_seq_length": 256,
                                        "micro_batch_size": 1})

@@ -145,7 +145,9 @@ def train(
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=data_collator(tokenizer),
+        data_collator=data_collator(
+            tokenizer, attention=getattr(method.model.config, "_attn_implementation", None)
+        ),
         processing_class=tokenizer,
         callbacks=[
             NonFiniteLossGuard(),

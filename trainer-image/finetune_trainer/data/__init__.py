@@ -188,7 +188,7 @@ def prepare_data(cfg: FineTuneConfig, tokenizer: Any) -> PreparedData:
     return PreparedData(train, evaluation, stats)
 
 
-def data_collator(tokenizer: Any) -> Any:
+def data_collator(tokenizer: Any, *, attention: str | None = None) -> Any:
     """Pads a batch: input_ids with the pad id, attention_mask with 0, labels with -100
     (transformers' DataCollatorForSeq2Seq; padding side follows `tokenizer.padding_side`).
     A tokenizer without a pad token pads with EOS (masked out, so never learned)."""
@@ -199,6 +199,7 @@ def data_collator(tokenizer: Any) -> Any:
             raise DataError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
     padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
-    from .packing import PackedCollator
+    from .packing import FLATTENING_ATTENTION, PackedCollator
 
-    return PackedCollator(tokenizer.pad_token_id, fallback=padded)  # packed rows carry position_ids
+    # packed rows carry position_ids; `attention` (the model's implementation) decides flattening
+    return PackedCollator(tokenizer.pad_token_id, fallback=padded, flatten=attention in FLATTENING_ATTENTION)

@@ -9,7 +9,11 @@
                               -100 (it would be predicted from the previous sample's last token)
     PackedCollator            pads rows; no attention_mask and no KV cache, so transformers
                               builds the block-diagonal causal mask from the position_ids (SDPA,
-                              eager, flex) or runs flash-attention's varlen kernel: isolation
+                              eager, flex) or runs flash-attention's varlen kernel: isolation.
+                              Under flash-attention (FLATTENING_ATTENTION) the batch is one row
+                              with no padding at all (padding-free, as TRL's padding_free and
+                              transformers' DataCollatorWithFlattening); SDPA and eager keep
+                              rows, since their mask over one long row would cost (B x T)^2
 
 The response-only masks are the samples' own labels, kept as they are. Padding is one more
 "sample" at the row's end (positions from 0, labels -100), so it attends only to itself.
@@ -27,6 +31,8 @@ from .tokenize import IGNORE_INDEX
 # Attention implementations whose masks transformers derives from packed position_ids
 # (masking_utils.find_packed_sequence_indices; flash-attention's varlen path).
 ISOLATING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# Those whose cost follows the samples' own lengths (varlen), so one flattened row costs nothing more.
+FLATTENING_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
 def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -86,15 +92,19 @@ class PackedCollator:
     """Pads packed rows (input_ids with the pad id, labels -100, position_ids counting from 0
     again) and leaves attention_mask out; unpacked rows (the evaluation set) go to `fallback`."""
 
-    def __init__(self, pad_token_id: int, fallback: Any):
+    def __init__(self, pad_token_id: int, fallback: Any, *, flatten: bool = False):
         self.pad_token_id = pad_token_id
         self.fallback = fallback
+        self.flatten = flatten
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if "position_ids" not in features[0]:
             return self.fallback(features)
         import torch
 
+        if self.flatten:  # one row, no padding at all: flash-attention's varlen kernel splits it
+            row = {k: [t for f in features for t in f[k]] for k in ("input_ids", "labels", "position_ids")}
+            return {**{k: torch.tensor([v], dtype=torch.long) for k, v in row.items()}, "use_cache": False}
         width = max(len(f["input_ids"]) for f in features)
         batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
         for f in features:
