@@ -8,6 +8,8 @@ is the child's ru_maxrss from wait4. Our overhead target: ratio >= 0.95.
 
     .venv/bin/python benchmarks/trainer_throughput.py [--samples 64] [--repeats 3]
     .venv/bin/python benchmarks/trainer_throughput.py --packing [--samples 64] [--repeats 3]
+    .venv/bin/python benchmarks/trainer_throughput.py --limits [--samples 64] [--repeats 3]
+    .venv/bin/python benchmarks/trainer_throughput.py --trl [--samples 64] [--repeats 3]   # pip install -e '.[bench]'
 
 --packing compares `finetune train` with training.sample_packing on and off, on the demo data
 and on a mixed-length set (the demo rows, every fourth one with a long response), by effective
@@ -20,6 +22,14 @@ else), target ours >= 0.9x; (b) model FLOP utilisation: about 4N FLOPs per train
 LoRA (forward 2N, backward through frozen weights 2N, no weight gradients; N = every parameter
 that takes part in a matmul, the tied embedding as lm_head included) times tokens/s, over the
 peak of a 2048x2048 bf16 GEMM measured in the same run with the same threads.
+
+--trl compares `finetune train` (training.sample_packing) with TRL's SFTTrainer packing the same
+samples itself (packing_strategy "bfd", padding-free as TRL turns on for it), on the demo data
+and on the mixed-length set: same model (sdpa), LoRA and training settings, the samples our
+data stage tokenized (input_ids, labels with -100 on prompt tokens; TRL keeps a given labels
+column). Effective tokens/s on both sides = real tokens trained (the samples' lengths, which
+TRL's prepared rows are checked to add up to) / train_runtime. Target: ours >= 0.95x TRL.
+TRL is needed for this alone: the `bench` extra.
 """
 
 from __future__ import annotations
@@ -153,6 +163,72 @@ GEMM_PEAK = textwrap.dedent(
 )
 
 
+# TRL's SFTTrainer packing the samples itself, as a TRL user would write it. Before training (outside
+# train_runtime) it checks what TRL made of the samples: each packed row split at its seq_lengths
+# must give back the given samples, every one, whole, with its labels; and one collated batch must
+# be a single padding-free row whose learned labels are the samples' minus each one's first.
+TRL_SCRIPT = textwrap.dedent(
+    """
+    import collections, json, sys
+    import datasets, torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+    from finetune_trainer.model import builtin
+
+    samples, settings, lora, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+    model_dir = builtin.model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                             target_modules=targets, task_type="CAUSAL_LM")
+    train = datasets.load_from_disk(samples)
+    args = SFTConfig(
+        output_dir=out, num_train_epochs=settings["epochs"], per_device_train_batch_size=settings["micro_batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"], learning_rate=settings["learning_rate"],
+        lr_scheduler_type=settings["lr_scheduler_type"], warmup_steps=settings["warmup_ratio"],
+        max_grad_norm=settings["max_grad_norm"], optim=settings["optimizer"], weight_decay=settings["weight_decay"],
+        gradient_checkpointing=settings["gradient_checkpointing"],  # TRL's default is True
+        bf16=settings["mixed_precision"] == "bf16", use_cpu=True, seed=settings["seed"], data_seed=settings["seed"],
+        logging_steps=10, save_strategy="no", report_to="none",
+        packing=True, packing_strategy="bfd", max_length=settings["max_seq_length"],  # bfd turns padding_free on
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                         peft_config=peft_config)
+    rows = trainer.train_dataset
+    given = collections.Counter(zip(map(tuple, train["input_ids"]), map(tuple, train["labels"])))
+    packed = collections.Counter()
+    for ids, labels, lengths in zip(rows["input_ids"], rows["labels"], rows["seq_lengths"]):
+        at = 0
+        for n in lengths:
+            packed[(tuple(ids[at:at + n]), tuple(labels[at:at + n]))] += 1
+            at += n
+        assert at == len(ids)
+    first = [rows[i] for i in range(min(len(rows), settings["micro_batch_size"]))]
+    batch = trainer.data_collator(first)
+    expected = 0
+    for row in first:
+        at = 0
+        for n in row["seq_lengths"]:
+            expected += sum(1 for label in row["labels"][at + 1:at + n] if label != -100)
+            at += n
+    check = {
+        "samples": len(train), "packed_samples": sum(len(x) for x in rows["seq_lengths"]), "rows": len(rows),
+        "given_tokens": sum(len(x) for x in train["input_ids"]), "packed_tokens": sum(len(x) for x in rows["input_ids"]),
+        "samples_kept_whole_with_labels": packed == given,
+        "learned_tokens": sum(sum(1 for label in x if label != -100) for x in train["labels"]),
+        "padding_free_batch": batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch,
+        "batch_learned_as_expected": int((batch["labels"] != -100).sum()) == expected,
+        "shuffle_dataset": args.shuffle_dataset,
+    }
+    result = trainer.train()
+    tokens = check["packed_tokens"] * settings["epochs"]  # what it trained: the packed rows, all real tokens
+    print("RESULT " + json.dumps({"train_runtime": result.metrics["train_runtime"], "tokens": tokens,
+                                  "train_loss": result.training_loss, "steps": result.global_step, **check}))
+    """
+)
+
 def prepare(work: Path, samples: int, *, packing: bool = False, mixed: bool = False) -> tuple[Path, Path, Path]:
     """The first `samples` demo rows, our config for them, and the same samples tokenized by
     our data stage for the plain script."""
@@ -191,7 +267,14 @@ def run_ours(config: Path, work: Path) -> dict[str, float]:
     finetune = Path(sys.executable).parent / "finetune"
     _, rss = _run_measured([str(finetune), "train", "--config", str(config)], work)
     results = json.loads((work / "ours" / "train_results.json").read_text())
-    return {"tokens_per_second": results["train_tokens"] / results["train_runtime_seconds"], "rss_mib": rss}
+    runtime, data = results["train_runtime_seconds"], results["data"]["train"]
+    # train_tokens is the Trainer's non-padding count: the attention mask's sum, or (packed rows carry
+    # none) input_ids != pad id, which also drops real tokens equal to the pad id (SmolLM2 pads with
+    # its EOS, <|im_end|>). real_tokens_per_second counts every token of the kept samples.
+    return {"tokens_per_second": results["train_tokens"] / runtime, "rss_mib": rss,
+            "real_tokens_per_second": data["tokens"] * SETTINGS["epochs"] / runtime, "real_tokens": data["tokens"],
+            "counted_tokens": results["train_tokens"], "packed_rows": data["packed_rows"],
+            "steps": results["global_step"], "train_loss": results["train_loss"]}
 
 
 def run_plain(samples_dir: Path, work: Path) -> dict[str, float]:
@@ -292,13 +375,68 @@ def limits_comparison(samples: int, repeats: int) -> int:
     return 0 if ratio >= 0.9 else 1
 
 
+def _require_trl() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        raise SystemExit("--trl needs TRL, which is not installed: pip install -e '.[bench]' "
+                         "(the bench extra; for benchmarks only)")
+
+
+def run_trl(samples_dir: Path, work: Path) -> dict[str, Any]:
+    result, rss = _script_result(work, "trl_sft.py", TRL_SCRIPT, str(samples_dir), json.dumps(SETTINGS),
+                                 json.dumps(LORA), str(work / "trl"))
+    return {**result, "real_tokens_per_second": result["tokens"] / result["train_runtime"], "rss_mib": rss}
+
+
+def trl_comparison(samples: int, repeats: int) -> int:
+    """Ours (packed) vs TRL's SFTTrainer (its own bfd packing, padding-free) on the same samples."""
+    _require_trl()
+    met = True
+    med = lambda runs, key: statistics.median(x[key] for x in runs)  # noqa: E731
+    for label, mixed in (("demo data", False), ("mixed lengths", True)):
+        with tempfile.TemporaryDirectory(prefix="trainer-trl-") as tmp:
+            work = Path(tmp)
+            config, _, _ = prepare(work, samples, packing=True, mixed=mixed)
+            _, samples_dir, _ = prepare(work, samples, mixed=mixed)  # unpacked samples: TRL packs them itself
+            runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
+            for r in range(repeats):
+                order = [("ours", lambda: run_ours(config, work)), ("trl", lambda: run_trl(samples_dir, work))]
+                for name, run in order if r % 2 == 0 else order[::-1]:
+                    figures = run()
+                    runs[name].append(figures)
+                    print(f"{label}, repeat {r + 1} {name:4}: {figures['real_tokens_per_second']:8.1f} effective "
+                          f"tokens/s, peak RSS {figures['rss_mib']:7.0f} MiB, {figures['steps']} steps, "
+                          f"train loss {figures['train_loss']:.4f}", flush=True)
+        ours, trl = runs["ours"][0], runs["trl"][0]
+        whole = trl["samples_kept_whole_with_labels"] and trl["packed_tokens"] == trl["given_tokens"]
+        print(f"{label}: {trl['samples']} samples, {trl['given_tokens']} tokens ({trl['learned_tokens']} learned); "
+              f"TRL packed {trl['packed_samples']} of them into {trl['rows']} rows ({trl['packed_tokens']} tokens; "
+              f"{'every sample whole, labels as given' if whole else 'NOT every sample whole: counted what it trained'}"
+              f"; padding-free batch {trl['padding_free_batch']}, learned labels as expected "
+              f"{trl['batch_learned_as_expected']}, shuffle_dataset {trl['shuffle_dataset']}); ours "
+              f"{ours['packed_rows']} rows, {ours['real_tokens']} tokens (the Trainer's own non-padding count: "
+              f"{ours['counted_tokens']})")
+        ratio = med(runs["ours"], "real_tokens_per_second") / med(runs["trl"], "real_tokens_per_second")
+        rss = med(runs["ours"], "rss_mib") / med(runs["trl"], "rss_mib")
+        print(f"{label}: finetune train {med(runs['ours'], 'real_tokens_per_second'):.1f} vs TRL SFTTrainer "
+              f"{med(runs['trl'], 'real_tokens_per_second'):.1f} effective tokens/s (median of {repeats}): ratio "
+              f"ours/TRL {ratio:.3f} (target >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'}); peak RSS "
+              f"{med(runs['ours'], 'rss_mib'):.0f} vs {med(runs['trl'], 'rss_mib'):.0f} MiB: ratio ours/TRL {rss:.3f}\n",
+              flush=True)
+        met = met and ratio >= 0.95
+    return 0 if met else 1
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64, help="demo rows to train on (one epoch)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, order alternating")
     parser.add_argument("--packing", action="store_true", help="packed vs unpacked instead of ours vs plain")
     parser.add_argument("--limits", action="store_true", help="ours (packed) vs a bare loop and the GEMM peak")
+    parser.add_argument("--trl", action="store_true", help="ours (packed) vs TRL's SFTTrainer (bfd packing)")
     args = parser.parse_args()
+    if args.trl:
+        return trl_comparison(args.samples, args.repeats)
     if args.packing:
         return packing_comparison(args.samples, args.repeats)
     if args.limits:
