@@ -21,6 +21,7 @@ VALUE_SETS: dict[str, dict] = {
     # Monitoring on, policy off, a pinned image, scheduling knobs.
     "metrics-digest": {
         "metrics": {"enabled": True, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "grafana": {"dashboard": {"enabled": True}},
         "policy": {"forbidTrustRemoteCode": False},
         "image": {"digest": "sha256:" + "a" * 64, "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "regcred"}],

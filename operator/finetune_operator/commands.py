@@ -97,6 +97,8 @@ def _operator_args(p: argparse.ArgumentParser) -> None:
     peering.add_argument("--peering", metavar="NAME", default=None, help="kopf peering object for HA (priority per pod)")
     peering.add_argument("--standalone", action="store_true", help="no peering: the only operator replica")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", metavar="URL", help="kopf's liveness endpoint")
+    p.add_argument("--metrics-address", default="0.0.0.0:8081", metavar="HOST:PORT",
+                   help="where /metrics (Prometheus text format) is served; empty: not served")
     p.add_argument("--trainer-image", default=None, help="trainer image for jobs whose spec sets none")
     p.add_argument("--default-storage-uri", default=None, help="storage for jobs without spec.storage (s3://...)")
     p.add_argument(

@@ -325,6 +325,8 @@ def status_schema() -> dict[str, Any]:
             "learningRate": _num("Current learning rate."),
             "tokensPerSecond": _num("Training throughput."),
             "checkpointUri": {"type": "string", "description": "Newest complete checkpoint in storage."},
+            "checkpointTime": {"type": "string", "format": "date-time",
+                               "description": "When the trainer first reported checkpointUri complete."},
             "samples": {"type": "integer", "description": "Training samples after the data stage."},
             "skippedRows": {"type": "integer", "description": "Bad data rows skipped (dataset.skip_bad_rows)."},
             "packedRows": {"type": "integer", "description": "Rows the samples were packed into (training.sample_packing)."},

@@ -299,11 +299,13 @@ def derive(
     )
 
 
-def announce(owner: Mapping[str, Any], events: list[st.Transition]) -> None:
-    """One Kubernetes Event per condition transition, on the FineTuneJob."""
+def announce(owner: Mapping[str, Any], events: list[st.Transition], metrics: Any = None) -> None:
+    """One Kubernetes Event per condition transition, on the FineTuneJob (counted in metrics)."""
     ref = {"apiVersion": API_VERSION, "kind": KIND, "metadata": owner["metadata"]}
     for event in events:
         kopf.event(ref, type=event.event_type, reason=event.reason, message=event.event_message())
+        if metrics is not None:
+            metrics.event(event.event_type, event.reason)
 
 
 def owner_events(before: Mapping[str, Any] | None, after: Mapping[str, Any], acceptance: st.Acceptance) -> list[st.Transition]:
@@ -314,7 +316,7 @@ def owner_events(before: Mapping[str, Any] | None, after: Mapping[str, Any], acc
     return events
 
 
-def sync_owner_status(kube: Kube, child: Mapping[str, Any], logger: logging.Logger) -> None:
+def sync_owner_status(kube: Kube, child: Mapping[str, Any], logger: logging.Logger, metrics: Any = None) -> None:
     """A workload (any backend's kind) -> its FineTuneJob's status, through `write_status`."""
     meta = child["metadata"]
     backend = bk.backend_of(child)
@@ -346,7 +348,7 @@ def sync_owner_status(kube: Kube, child: Mapping[str, Any], logger: logging.Logg
     written = write_status(kube, owner, fields, logger)
     if written is not None:
         before, new = written
-        announce(owner, st.transitions(before.get("conditions"), new.get("conditions", [])))
+        announce(owner, st.transitions(before.get("conditions"), new.get("conditions", [])), metrics)
 
 
 def fresh_child(child: Mapping[str, Any]) -> bool:
@@ -425,6 +427,12 @@ def reconciles(memo: kopf.Memo, **_: Any) -> int:
 def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Read (kopf's body) -> decide (reconcile_job: render, checks, apply) -> write status once,
     and post the Events of what was written."""
+    metrics = getattr(memo, "metrics", None)
+    with metrics.timed("reconcile") if metrics is not None else contextlib.nullcontext():
+        _reconcile_handler(body, memo, logger, metrics)
+
+
+def _reconcile_handler(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, metrics: Any) -> None:
     job, when = as_job(body), now()
     delay = getattr(memo, "retry_delay", RETRY_DELAY)
     with api_errors(delay):
@@ -436,7 +444,7 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
     if outcome.choice is not None and after.get("backend") and not before.get("backend"):
         events.insert(0, st.Transition("Backend", st.TRUE, REASON_BACKEND_SELECTED,
                                        f"runs as a {outcome.choice.backend.kind} ({outcome.choice.how})"))
-    announce(job, events)
+    announce(job, events, metrics)
     if "stats" in memo:
         memo.stats["reconciles"] += 1
     if outcome.waiting:  # kopf retries; the job proceeds once the CRD is served
@@ -453,10 +461,33 @@ def owner_needs_sync(type: str | None, body: kopf.Body, **_: Any) -> bool:
 
 def workload_event(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Mirror the workload's state onto its FineTuneJob (a relist every watch restart resyncs)."""
+    metrics = getattr(memo, "metrics", None)
     try:
-        sync_owner_status(memo.kube, as_job(body), logger)
+        with metrics.timed("workload_event") if metrics is not None else contextlib.nullcontext():
+            sync_owner_status(memo.kube, as_job(body), logger, metrics)
     except ApiError as err:
         logger.warning(f"could not update the FineTuneJob's status: {err}")
+
+
+@kopf.on.startup()
+def serve_metrics(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """/metrics in the Prometheus text format, from start to cleanup (memo.metrics_address)."""
+    address = getattr(memo, "metrics_address", None)
+    if address and getattr(memo, "metrics", None) is not None:
+        from .metrics import serve
+
+        memo.metrics_server = serve(memo.metrics, address)
+        logger.info(f"serving Prometheus metrics at http://{address.rpartition(':')[0] or '0.0.0.0'}:"
+                    f"{memo.metrics_server.server_port}/metrics")
+
+
+@kopf.on.cleanup()
+def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
+    server = getattr(memo, "metrics_server", None)
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+        memo.metrics_server = None
 
 
 # One watch per backend kind, all labelled children. kopf watches a kind only while the API

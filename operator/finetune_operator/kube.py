@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,8 +180,17 @@ class Kube:
         self.configuration = configuration
         self.api = ApiClient(configuration)
         self.timeout = timeout
+        self.on_error: Callable[[int], None] | None = None  # told each failed call's HTTP status (metrics)
 
-    def _call(
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return self._request(method, path, **kwargs)
+        except ApiError as err:
+            if self.on_error is not None:
+                self.on_error(err.status)
+            raise
+
+    def _request(
         self,
         method: str,
         path: str,

@@ -108,14 +108,25 @@ def operator_settings(*, peering: str | None, standalone: bool, workers: int = W
     return settings
 
 
-def make_memo(kube: Kube, render_settings: RenderSettings, *, retry_delay: float = RETRY_DELAY) -> kopf.Memo:
+def make_memo(kube: Kube, render_settings: RenderSettings, *, retry_delay: float = RETRY_DELAY,
+              metrics_address: str | None = None, namespaces: list[str] | None = None) -> kopf.Memo:
     """What every handler gets as `memo` (kopf gives each object a shallow copy, so the
-    counters live in a shared dict): the API client, the render settings, counters, and the
-    discovery cache `auto` asks which backends the cluster serves."""
+    counters live in a shared dict): the API client, the render settings, counters, the
+    discovery cache `auto` asks which backends the cluster serves, and the Prometheus metrics
+    (served at `metrics_address` from startup to cleanup; None: not served)."""
     from .backends import Discovery
+    from .metrics import OperatorMetrics
 
+    from .spec import API_VERSION, KIND
+
+    def list_jobs() -> list[dict[str, Any]]:  # the namespaces this operator watches, or all
+        return [job for ns in (namespaces or [None]) for job in kube.list(API_VERSION, KIND, ns)]
+
+    metrics = OperatorMetrics(list_jobs=list_jobs)
+    kube.on_error = metrics.api_error
     return kopf.Memo(kube=kube, render_settings=render_settings, retry_delay=retry_delay,
-                     stats=collections.Counter(), discovery=Discovery())
+                     stats=collections.Counter(), discovery=Discovery(), metrics=metrics,
+                     metrics_address=metrics_address, metrics_server=None)
 
 
 def operator_kwargs(
@@ -126,6 +137,7 @@ def operator_kwargs(
     peering: str | None = None,
     standalone: bool = False,
     liveness: str | None = None,
+    metrics_address: str | None = None,
     priority: int | None = None,
     retry_delay: float = RETRY_DELAY,
     workers: int = WORKERS,
@@ -136,7 +148,8 @@ def operator_kwargs(
     return dict(
         registry=kopf.get_default_registry(),
         settings=operator_settings(peering=peering, standalone=standalone, workers=workers),
-        memo=make_memo(kube, render_settings, retry_delay=retry_delay),
+        memo=make_memo(kube, render_settings, retry_delay=retry_delay, metrics_address=metrics_address,
+                       namespaces=namespaces),
         clusterwide=not namespaces,
         namespaces=list(namespaces or []),
         standalone=standalone or None,
@@ -159,6 +172,7 @@ def run_operator(args: argparse.Namespace) -> int:
         peering=getattr(args, "peering", None),
         standalone=bool(getattr(args, "standalone", False)),
         liveness=getattr(args, "liveness", None),
+        metrics_address=getattr(args, "metrics_address", None) or None,
         priority=getattr(args, "priority", None),
     )
     kopf.run(**kwargs)

@@ -75,7 +75,8 @@ def human_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def progress_status(update: Mapping[str, Any], *, now: str, checkpoint_uri: str | None = None) -> dict[str, Any]:
+def progress_status(update: Mapping[str, Any], *, now: str, checkpoint_uri: str | None = None,
+                    checkpoint_time: str | None = None) -> dict[str, Any]:
     """A progress update -> the `status.progress` object (absent/None figures left out, so a
     merge patch keeps the last known value, e.g. evalLoss between evaluations)."""
     out = {field: _finite(update.get(key)) for key, field in FIELDS.items()}
@@ -88,6 +89,8 @@ def progress_status(update: Mapping[str, Any], *, now: str, checkpoint_uri: str 
     out["lastUpdatedTime"] = now
     if checkpoint_uri:
         out["checkpointUri"] = checkpoint_uri
+    if checkpoint_time and out.get("checkpointUri"):
+        out["checkpointTime"] = checkpoint_time  # when this reporter first saw that checkpoint complete
     return {key: value for key, value in out.items() if value is not None}
 
 
@@ -120,6 +123,7 @@ class StatusReporter:
         self.last_error: str | None = None
         self._pending: dict[str, Any] | None = None
         self._checkpoint: str | None = None
+        self._checkpoint_seen: tuple[str | None, str | None] = (None, None)  # (uri, first seen at)
         self._evaluation: dict[str, Any] | None = None
         self._last_sent = -math.inf
         self._closing = False
@@ -196,7 +200,12 @@ class StatusReporter:
                 evaluation = self._evaluation
                 closing = self._closing
                 self._last_sent = self.clock()
-            self._send(progress_status(update, now=_utc_now(), checkpoint_uri=checkpoint), evaluation)
+            stamp = _utc_now()
+            newest = checkpoint or update.get("checkpoint_uri")
+            if newest and newest != self._checkpoint_seen[0]:
+                self._checkpoint_seen = (newest, stamp)
+            self._send(progress_status(update, now=stamp, checkpoint_uri=checkpoint,
+                                       checkpoint_time=self._checkpoint_seen[1]), evaluation)
             if closing:
                 with self._cond:
                     if self._pending is None:

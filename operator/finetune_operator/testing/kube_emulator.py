@@ -374,6 +374,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return [(request.resource, {"type": "MODIFIED", "object": new})]
 
     def _remove(self, key: tuple, last: dict[str, Any], *, cascade: bool = True) -> list[tuple[kmock.resource, dict]]:
+        # The API server's DELETED event carries the deletion's own resourceVersion (kopf, which
+        # waits for a version newer than its last patch, drops a DELETED that reuses an old one).
+        last = {**last, "metadata": {**(last.get("metadata") or {}), "resourceVersion": self._next_rv()}}
         if key in self._objects and not self._objects[key].deleted:
             self._objects[key].history.append(last)
             self._objects[key].delete()
@@ -800,7 +803,7 @@ class OperatorThread:
     """The real operator (kopf + our handlers + the official client) in a thread of its own."""
 
     def __init__(self, url: str, *, render_settings: Any = None, retry_delay: float = 0.5, workers: int = 8,
-                 namespaces: list[str] | None = None):
+                 namespaces: list[str] | None = None, metrics_address: str | None = "127.0.0.1:0"):
         from finetune_operator.kube import Kube
         from finetune_operator.render import RenderSettings
         from finetune_operator.runner import operator_kwargs
@@ -812,6 +815,7 @@ class OperatorThread:
             retry_delay=retry_delay,
             workers=workers,
             namespaces=namespaces,
+            metrics_address=metrics_address,
         )
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()
@@ -848,6 +852,13 @@ class OperatorThread:
     @property
     def memo(self) -> Any:
         return self.kwargs["memo"]
+
+    @property
+    def metrics_url(self) -> str:
+        """/metrics of this operator (an ephemeral loopback port, bound at startup)."""
+        server = self.memo.metrics_server
+        assert server is not None, "the operator serves no metrics (metrics_address=None)"
+        return f"http://127.0.0.1:{server.server_port}/metrics"
 
 
 class Cluster:
