@@ -1,4 +1,4 @@
-"""Operator subcommands on `finetune`'s CLI: crd, render, run, operator.
+"""Operator subcommands on `finetune`'s CLI: crd, render, run, operator, status.
 
 Imported by cli.py on every invocation, so this module imports nothing heavy at the top:
 each command loads its own module (render, local, kopf) inside its function, and
@@ -115,7 +115,28 @@ def cmd_operator(args: argparse.Namespace, overrides: list[str]) -> int:
     return run_operator(args)
 
 
+def _status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", default=None, help="one FineTuneJob (default: every one in the namespace)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", default=None, help="namespace (default: default)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="every namespace")
+    p.add_argument("--watch", "-w", action="store_true", help="redraw until interrupted")
+    p.add_argument("--interval", type=float, default=5.0, metavar="SECONDS", help="seconds between redraws (--watch)")
+
+
+def cmd_status(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .kube import Kube
+    from .runner import load_configuration
+    from .status_view import show
+
+    namespace = None if args.all_namespaces else (args.namespace or "default")
+    return show(Kube(load_configuration()), namespace=namespace, name=args.name, watch=args.watch,
+                interval=args.interval)
+
+
 register("crd", "print the FineTuneJob CustomResourceDefinition (kubectl apply -f -)")(cmd_crd)
+register("status", "every FineTuneJob with progress, loss and ETA, from the cluster (--watch redraws)",
+         _status_args)(cmd_status)
 register(
     "render",
     "print the Kubernetes objects the operator would create for a FineTuneJob manifest",

@@ -325,6 +325,8 @@ def status_schema() -> dict[str, Any]:
             "learningRate": _num("Current learning rate."),
             "tokensPerSecond": _num("Training throughput."),
             "checkpointUri": {"type": "string", "description": "Newest complete checkpoint in storage."},
+            "lossHistory": {"type": "array", "maxItems": 64, "items": {"type": "number"},
+                            "description": "The latest training losses, oldest first (finetune status draws them)."},
             "checkpointTime": {"type": "string", "format": "date-time",
                                "description": "When the trainer first reported checkpointUri complete."},
             "samples": {"type": "integer", "description": "Training samples after the data stage."},

@@ -16,6 +16,7 @@ never raised: an unreachable API server must not cost a training run.
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
 import math
@@ -75,8 +76,11 @@ def human_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+LOSS_HISTORY = 24  # losses kept in status.progress.lossHistory (a sparkline's worth, a few hundred bytes)
+
+
 def progress_status(update: Mapping[str, Any], *, now: str, checkpoint_uri: str | None = None,
-                    checkpoint_time: str | None = None) -> dict[str, Any]:
+                    checkpoint_time: str | None = None, loss_history: list[float] | None = None) -> dict[str, Any]:
     """A progress update -> the `status.progress` object (absent/None figures left out, so a
     merge patch keeps the last known value, e.g. evalLoss between evaluations)."""
     out = {field: _finite(update.get(key)) for key, field in FIELDS.items()}
@@ -89,6 +93,8 @@ def progress_status(update: Mapping[str, Any], *, now: str, checkpoint_uri: str 
     out["lastUpdatedTime"] = now
     if checkpoint_uri:
         out["checkpointUri"] = checkpoint_uri
+    if loss_history:
+        out["lossHistory"] = [round(v, 4) for v in loss_history]
     if checkpoint_time and out.get("checkpointUri"):
         out["checkpointTime"] = checkpoint_time  # when this reporter first saw that checkpoint complete
     return {key: value for key, value in out.items() if value is not None}
@@ -124,6 +130,7 @@ class StatusReporter:
         self._pending: dict[str, Any] | None = None
         self._checkpoint: str | None = None
         self._checkpoint_seen: tuple[str | None, str | None] = (None, None)  # (uri, first seen at)
+        self._losses: collections.deque[float] = collections.deque(maxlen=LOSS_HISTORY)
         self._evaluation: dict[str, Any] | None = None
         self._last_sent = -math.inf
         self._closing = False
@@ -154,6 +161,9 @@ class StatusReporter:
                 if self._pending is not None:
                     self.coalesced += 1
                 self._pending = dict(progress)
+                loss = progress.get("loss")
+                if isinstance(loss, (int, float)) and math.isfinite(loss):
+                    self._losses.append(float(loss))  # every logged loss, coalesced or not
                 self._cond.notify()
         except Exception:  # noqa: BLE001 - reporting must not end training
             log.exception("status reporter: could not queue progress")
@@ -196,6 +206,7 @@ class StatusReporter:
                         return
                     self._cond.wait(timeout=due if self._pending is not None else None)
                 update, self._pending = self._pending, None
+                losses = list(self._losses)
                 checkpoint = self._checkpoint
                 evaluation = self._evaluation
                 closing = self._closing
@@ -205,7 +216,7 @@ class StatusReporter:
             if newest and newest != self._checkpoint_seen[0]:
                 self._checkpoint_seen = (newest, stamp)
             self._send(progress_status(update, now=stamp, checkpoint_uri=checkpoint,
-                                       checkpoint_time=self._checkpoint_seen[1]), evaluation)
+                                       checkpoint_time=self._checkpoint_seen[1], loss_history=losses), evaluation)
             if closing:
                 with self._cond:
                     if self._pending is None:
