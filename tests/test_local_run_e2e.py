@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from finetune_trainer.contract import ENV_DUMP_STACKS_AFTER
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -55,13 +58,29 @@ def two_node_run(request, tmp_path_factory, tiny_model_dir):
     job = tmp_path / "finetune.yaml"
     job.write_text(yaml.safe_dump(manifest(tiny_model_dir, data)))
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # `finetune run` divides the CPUs
+    env[ENV_DUMP_STACKS_AFTER] = "240"  # a run that hangs (seen once in CI) prints where each replica is
+    proc = subprocess.Popen(
         [sys.executable, "-m", "finetune_trainer.cli", "run", "-f", str(job), "--run-dir", str(run_dir),
          "--backend", backend],
-        capture_output=True, text=True, timeout=540, cwd=tmp_path,
-        env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},  # `finetune run` divides the CPUs
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env,
     )
-    return proc.returncode, proc.stdout + proc.stderr, run_dir, PODS[backend]
+    try:
+        output, _ = proc.communicate(timeout=540)
+    except subprocess.TimeoutExpired:
+        # `finetune run` forwards SIGTERM to its replicas and kills them on a second one: none is orphaned
+        for _ in range(2):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                output, _ = proc.communicate(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            proc.kill()
+            output, _ = proc.communicate()
+        raise AssertionError(f"`finetune run --backend {backend}` did not end in 540 s; its output:\n{output[-20000:]}")
+    return proc.returncode, output, run_dir, PODS[backend]
 
 
 def test_two_local_nodes_train_as_one_world(two_node_run):

@@ -52,6 +52,7 @@ ENV_STATUS_URL = "FINETUNE_STATUS_URL"
 ENV_STATUS_TOKEN_FILE = "FINETUNE_STATUS_TOKEN_FILE"
 ENV_STATUS_CA_FILE = "FINETUNE_STATUS_CA_FILE"
 ENV_S3_ADDRESSING = "FINETUNE_S3_ADDRESSING"  # "path" when spec.storage.path_style is true
+ENV_DUMP_STACKS_AFTER = "FINETUNE_DUMP_STACKS_AFTER"  # seconds: then every thread's stack to stderr, repeatedly (hangs)
 S3_PATH_STYLE = "path"  # the value of ENV_S3_ADDRESSING that asks for path-style addressing
 ENV_HF_TOKEN = "HF_TOKEN"  # from spec.hf_token_secret, by reference
 ENV_HF_HOME = "HF_HOME"

@@ -257,6 +257,7 @@ def run_command(cfg: FineTuneConfig, *, base_dir: Path, **kwargs: Any) -> int:
     """`train` with the errors a user can cause turned into one message and exit code 1."""
     setup_logging()
     limit_threads()
+    dump_stacks_on_hang()
     try:
         return train(cfg, base_dir=base_dir, **kwargs).exit_code
     except ConfigError as exc:
@@ -273,6 +274,18 @@ def run_command(cfg: FineTuneConfig, *, base_dir: Path, **kwargs: Any) -> int:
             raise
         print(f"{_error_prefix()}: {exc}", file=sys.stderr)  # the message names the field to set
         return EXIT_PERMANENT
+
+
+def dump_stacks_on_hang() -> None:
+    """FINETUNE_DUMP_STACKS_AFTER=N: every N seconds, every thread's stack to stderr (faulthandler),
+    so a run stuck in a collective says where in its log; for diagnosing hangs, off by default."""
+    from .contract import ENV_DUMP_STACKS_AFTER
+
+    seconds = os.environ.get(ENV_DUMP_STACKS_AFTER)
+    if seconds and seconds.replace(".", "", 1).isdigit() and float(seconds) > 0:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(seconds), repeat=True, file=sys.stderr)
 
 
 def limit_threads() -> None:
