@@ -512,17 +512,18 @@ def test_c_kill_during_an_upload_leaves_no_manifest_restart_uses_the_previous(
 def test_c2_sigterm_saves_the_current_step_exits_143_restart_resumes_there(
         tmp_path, tiny_model_dir, s3_bucket, s3_endpoint):
     bucket = Bucket(s3_endpoint, s3_bucket, "team-a/job-c2")
-    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=30, save_steps=10)
+    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=60, save_steps=30)
     out = output_dir(config)
     log = tmp_path / "1.log"
     proc = start_train(config, log)
-    # between checkpoints: checkpoint-10 is stored, the run is a few steps past it
-    wait_until(lambda: bucket.complete() == [10] and max(losses(out), default=0) >= 12, proc, log, "step 12")
+    # between checkpoints: checkpoint-30 is stored, the run is a few steps past it (steps are fast:
+    # the gap to the next save must outlast the time from seeing step 32 to the signal's effect)
+    wait_until(lambda: bucket.complete() == [30] and max(losses(out), default=0) >= 32, proc, log, "step 32")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, tail(log)
     stopped = max(losses(out))
-    assert 12 <= stopped < 20, stopped  # the next step boundary, not the next save_steps
-    assert bucket.complete() == [10, stopped]
+    assert 32 <= stopped < 60, stopped  # the next step boundary, not the next save_steps
+    assert bucket.complete() == [30, stopped]
     manifest = bucket.assert_complete(stopped, out / f"checkpoint-{stopped}")
     state = json.loads(bucket.read(f"checkpoints/checkpoint-{stopped}/trainer_state.json"))
     assert state["global_step"] == stopped and manifest["step"] == stopped
@@ -533,8 +534,8 @@ def test_c2_sigterm_saves_the_current_step_exits_143_restart_resumes_there(
     new_pod_disk(config)
     results = run_to_end(config, tmp_path / "2.log")
     assert results["resumed_from"] == str(out / f"checkpoint-{stopped}")
-    assert [step for step, _ in loss_rows(out)] == list(range(1, 31))  # no step lost, none trained twice
-    assert_final_artifacts(bucket, out, 30)
+    assert [step for step, _ in loss_rows(out)] == list(range(1, 61))  # no step lost, none trained twice
+    assert_final_artifacts(bucket, out, 60)
 
 
 # ------------------------------------------------------------------ (d) a 20 s outage
