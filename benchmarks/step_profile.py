@@ -14,7 +14,8 @@ time into what it is spent on (matmuls, attention, dropout's random numbers, the
 log-softmax, casts and copies, other element-wise ops, the optimizer), and the last lines give
 the step time ratio plain / ours, and each side's FLOP utilisation: 4N per trained token (LoRA:
 forward 2N, backward through frozen weights 2N; N = matmul parameters, the tied head included)
-against a 2048x2048 bf16 GEMM measured in the same process with the same threads.
+against a 2048x2048 bf16 GEMM measured in the same process with the same threads (the peak
+trainer_throughput.py --limits measures).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+
+# benchmarks/, this script's folder, is on sys.path
+from trainer_throughput import GEMM_PEAK_FUNCTION
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "examples" / "data" / "alpaca_demo.jsonl"
@@ -40,7 +44,7 @@ CATEGORIES = [  # (label, op-name fragments); the first that matches wins
     ("element-wise and other", ("",)),
 ]
 
-STEP = textwrap.dedent(
+STEP = GEMM_PEAK_FUNCTION + textwrap.dedent(
     """
     import json, sys, time
     import datasets, torch
@@ -97,13 +101,7 @@ STEP = textwrap.dedent(
     for event in prof.key_averages():
         label = next(lbl for lbl, frags in categories if any(f in event.key for f in frags))
         spent[label] += event.self_cpu_time_total / 1e3
-    a, b2 = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b2
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b2
-    peak = 10 * 2 * 2048 ** 3 / (time.perf_counter() - t)
+    peak = gemm_peak()
     n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" in name or p.dim() == 2)
     print("RESULT " + json.dumps({"seconds": seconds, "tokens": tokens, "spent_ms": spent, "peak": peak,
                                   "matmul_params": n, "threads": torch.get_num_threads()}))

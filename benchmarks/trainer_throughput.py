@@ -65,31 +65,44 @@ SETTINGS = {
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 
-# What a user would write with transformers + peft alone, on the samples our data stage made.
-PLAIN_SCRIPT = textwrap.dedent(
+# What the plain and the TRL script share, so they train with the same settings: their arguments,
+# the tokenizer, the samples our data stage made, the LoRA config, and the Trainer arguments that
+# SETTINGS map to (TRL's SFTConfig is a TrainingArguments; each script adds only what it alone needs).
+TRAINER_SCRIPT_HEAD = textwrap.dedent(
     """
     import json, sys
     import datasets
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
     from finetune_trainer.model import builtin
 
     samples, settings, lora, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
     model_dir = builtin.model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                             target_modules=targets, task_type="CAUSAL_LM"))
     train = datasets.load_from_disk(samples)
-    args = TrainingArguments(
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                             target_modules=targets, task_type="CAUSAL_LM")
+    trainer_args = dict(
         output_dir=out, num_train_epochs=settings["epochs"], per_device_train_batch_size=settings["micro_batch_size"],
         gradient_accumulation_steps=settings["gradient_accumulation_steps"], learning_rate=settings["learning_rate"],
         lr_scheduler_type=settings["lr_scheduler_type"], warmup_steps=settings["warmup_ratio"],
         max_grad_norm=settings["max_grad_norm"], optim=settings["optimizer"], weight_decay=settings["weight_decay"],
+        gradient_checkpointing=settings["gradient_checkpointing"],  # TRL's default is True
         bf16=settings["mixed_precision"] == "bf16", use_cpu=True, seed=settings["seed"], logging_steps=10,
         save_strategy="no", report_to="none",
     )
+    """
+)
+
+# What a user would write with transformers + peft alone, on the samples our data stage made.
+PLAIN_SCRIPT = TRAINER_SCRIPT_HEAD + textwrap.dedent(
+    """
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), peft_config)
+    args = TrainingArguments(**trainer_args)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
     result = Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
     tokens = sum(sum(m) for m in train["attention_mask"]) * settings["epochs"]
@@ -146,19 +159,28 @@ BARE_LOOP = textwrap.dedent(
     """
 )
 
-GEMM_PEAK = textwrap.dedent(
+# The bf16 GEMM peak, as source a script includes to measure it on its own process's threads
+# (step_profile.py's step script too): FLOP/s of a 2048x2048 matmul, the median of 5 runs of 10.
+GEMM_PEAK_FUNCTION = textwrap.dedent(
     """
-    import json, time, torch
-    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    runs = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(10):
+    def gemm_peak():
+        import time, torch
+        a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+        for _ in range(3):
             a @ b
-        runs.append(10 * 2 * 2048 ** 3 / (time.perf_counter() - start))
-    print("RESULT " + json.dumps({"flops": sorted(runs)[len(runs) // 2], "threads": torch.get_num_threads()}))
+        runs = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(10):
+                a @ b
+            runs.append(10 * 2 * 2048 ** 3 / (time.perf_counter() - start))
+        return sorted(runs)[len(runs) // 2]
+    """
+)
+GEMM_PEAK = GEMM_PEAK_FUNCTION + textwrap.dedent(
+    """
+    import json, torch
+    print("RESULT " + json.dumps({"flops": gemm_peak(), "threads": torch.get_num_threads()}))
     """
 )
 
@@ -167,33 +189,16 @@ GEMM_PEAK = textwrap.dedent(
 # train_runtime) it checks what TRL made of the samples: each packed row split at its seq_lengths
 # must give back the given samples, every one, whole, with its labels; and one collated batch must
 # be a single padding-free row whose learned labels are the samples' minus each one's first.
-TRL_SCRIPT = textwrap.dedent(
+TRL_SCRIPT = TRAINER_SCRIPT_HEAD + textwrap.dedent(
     """
-    import collections, json, sys
-    import datasets, torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import collections
+    import torch
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
-    from finetune_trainer.model import builtin
 
-    samples, settings, lora, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-    model_dir = builtin.model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                             target_modules=targets, task_type="CAUSAL_LM")
-    train = datasets.load_from_disk(samples)
-    args = SFTConfig(
-        output_dir=out, num_train_epochs=settings["epochs"], per_device_train_batch_size=settings["micro_batch_size"],
-        gradient_accumulation_steps=settings["gradient_accumulation_steps"], learning_rate=settings["learning_rate"],
-        lr_scheduler_type=settings["lr_scheduler_type"], warmup_steps=settings["warmup_ratio"],
-        max_grad_norm=settings["max_grad_norm"], optim=settings["optimizer"], weight_decay=settings["weight_decay"],
-        gradient_checkpointing=settings["gradient_checkpointing"],  # TRL's default is True
-        bf16=settings["mixed_precision"] == "bf16", use_cpu=True, seed=settings["seed"], data_seed=settings["seed"],
-        logging_steps=10, save_strategy="no", report_to="none",
-        packing=True, packing_strategy="bfd", max_length=settings["max_seq_length"],  # bfd turns padding_free on
-    )
+    args = SFTConfig(**trainer_args, data_seed=settings["seed"], packing=True, packing_strategy="bfd",
+                     max_length=settings["max_seq_length"])  # bfd turns padding_free on
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                          peft_config=peft_config)
     rows = trainer.train_dataset
@@ -279,11 +284,8 @@ def run_ours(config: Path, work: Path) -> dict[str, float]:
 
 
 def run_plain(samples_dir: Path, work: Path) -> dict[str, float]:
-    script = work / "plain_trainer.py"
-    script.write_text(PLAIN_SCRIPT)
-    cmd = [sys.executable, str(script), str(samples_dir), json.dumps(SETTINGS), json.dumps(LORA), str(work / "plain")]
-    stdout, rss = _run_measured(cmd, work)
-    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result, rss = _script_result(work, "plain_trainer.py", PLAIN_SCRIPT, str(samples_dir), json.dumps(SETTINGS),
+                                 json.dumps(LORA), str(work / "plain"))
     return {"tokens_per_second": result["tokens"] / result["train_runtime"], "rss_mib": rss}
 
 

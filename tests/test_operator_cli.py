@@ -1,5 +1,6 @@
 """`finetune operator` as a process: kubeconfig login, flags into render settings, kopf's
-liveness endpoint with our probe, a job reconciled, a clean exit on SIGTERM."""
+liveness endpoint with our probe, a job reconciled, a clean exit on SIGTERM; and a bad
+--metrics-address refused as a usage error before anything starts."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
+from finetune_operator.metrics import parse_address
 from finetune_operator.testing.kube_emulator import wait_for
 
 FINETUNE = str(Path(sys.executable).parent / "finetune")
@@ -72,3 +75,22 @@ def test_operator_command_serves_liveness_and_reconciles(cluster, emulator, tmp_
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output[-3000:]
+
+
+@pytest.mark.parametrize("address, parsed", [("0.0.0.0:8081", ("0.0.0.0", 8081)), (":8081", ("0.0.0.0", 8081)),
+                                             ("8081", ("0.0.0.0", 8081)), ("127.0.0.1:0", ("127.0.0.1", 0))])
+def test_metrics_addresses_parse_to_host_and_port(address, parsed):
+    assert parse_address(address) == parsed
+
+
+@pytest.mark.parametrize("address", ["nonsense", "1.2.3.4:notaport", ":99999", "host:", "1.2.3.4:-1", "a b:80"])
+def test_a_bad_metrics_address_is_a_usage_error_naming_the_flag_the_value_and_the_form(address, capsys):
+    from finetune_trainer.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["operator", "--metrics-address", address])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (f"finetune operator: error: argument --metrics-address: {address!r}: "
+                                    "expected HOST:PORT with a PORT from 0 to 65535")

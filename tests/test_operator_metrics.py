@@ -110,16 +110,32 @@ def test_phases_gauges_and_deletion_as_scraped(cluster, emulator, operator, tmp_
     assert set(posted) <= seen | {("Normal", "BackendSelected")}, (posted, seen)  # counted what was posted
 
 
-def test_api_errors_are_counted_by_code(cluster, emulator, tmp_path):
-    from finetune_operator.testing.kube_emulator import OperatorThread
+def test_api_errors_are_counted_by_code_and_a_missing_object_is_none(cluster, emulator, tmp_path):
+    from finetune_operator.kube import ApiError
+    from finetune_operator.testing.kube_emulator import OperatorThread, is_create
 
     op = OperatorThread(emulator.url).start()
     try:
         kube = op.memo.kube
-        with pytest.raises(Exception):
-            kube._call("GET", "/apis/finetune.dev/v1alpha1/namespaces/default/nosuchthing/x")
-        samples = scrape(op.metrics_url)
-        assert samples[m.API_ERRORS][(("code", "404"),)] >= 1
+
+        def errors() -> dict[tuple, float]:
+            return scrape(op.metrics_url).get(m.API_ERRORS, {})
+
+        before = errors()
+        # a 404 that get and delete answer with (None: not there) is no API error
+        assert kube.get(*FTJ, "default", "nosuchjob") is None
+        kube.delete(*FTJ, "default", "nosuchjob")
+        assert errors().get((("code", "404"),), 0) == before.get((("code", "404"),), 0)
+        # a 404 a call fails with, and any other status, is
+        with pytest.raises(ApiError) as not_served:
+            kube.discover("nosuch.finetune.dev/v1")
+        emulator.fail(is_create("configmaps"), times=1, status=503)
+        with pytest.raises(ApiError) as unavailable:
+            kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "default"}})
+        assert (not_served.value.status, unavailable.value.status) == (404, 503)
+        after = errors()
+        for code in ("404", "503"):
+            assert after[(("code", code),)] == before.get((("code", code),), 0) + 1, (code, before, after)
     finally:
         op.stop()
 

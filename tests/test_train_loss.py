@@ -88,6 +88,33 @@ def test_a_head_input_of_another_shape_is_left_whole_and_the_loss_still_holds(ti
                                                                       rel=1e-6)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_a_head_the_hook_misses_gets_transformers_own_loss_over_the_full_logits(tiny, packed, num_items, monkeypatch):
+    ids, labels, extra = _batch(tiny.config.vocab_size, packed=packed)
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    with torch.no_grad():
+        reference = tiny(input_ids=ids, labels=labels, **extra, **kwargs).loss
+    # a model whose head is not its output embeddings: the hook sits on a module its forward never calls
+    monkeypatch.setattr(tiny, "get_output_embeddings", lambda: torch.nn.Linear(1, 1))
+    positions = LearnedPositions(tiny)
+    with torch.no_grad(), positions.armed(labels):
+        outputs = tiny(input_ids=ids, **extra)
+    assert outputs.logits.shape[:2] == ids.shape and positions.selected == 0
+    loss = learned_token_loss(outputs, labels, kwargs.get("num_items_in_batch"))
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("misfit", [lambda x: x[:, 1:], lambda x: torch.cat([x[:, :2], x], dim=1),
+                                    lambda x: x.flatten(0, 1)], ids=["shorter-T", "longer-T", "B*T-rows"])
+def test_logits_that_line_up_with_neither_the_labels_nor_the_learned_positions_raise(tiny, misfit):
+    ids, labels, _ = _batch(tiny.config.vocab_size, packed=False)
+    with torch.no_grad():
+        logits = misfit(tiny(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="line up with neither"):
+        learned_token_loss({"logits": logits}, labels, torch.tensor(37))
+
+
 def test_disarmed_the_model_is_untouched(tiny):
     ids, _, _ = _batch(tiny.config.vocab_size, packed=False)
     positions = LearnedPositions(tiny)

@@ -89,6 +89,19 @@ def cmd_run(args: argparse.Namespace, overrides: list[str]) -> int:
     return run_local(_load_job(args, overrides), args)
 
 
+def _metrics_address(value: str) -> str:
+    """--metrics-address as given, once metrics.parse_address takes it (empty: not served): a bad
+    one is a usage error here rather than a traceback when the server starts."""
+    from .metrics import parse_address
+
+    try:
+        if value:
+            parse_address(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
 def _operator_args(p: argparse.ArgumentParser) -> None:
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)")
@@ -97,7 +110,7 @@ def _operator_args(p: argparse.ArgumentParser) -> None:
     peering.add_argument("--peering", metavar="NAME", default=None, help="kopf peering object for HA (priority per pod)")
     peering.add_argument("--standalone", action="store_true", help="no peering: the only operator replica")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", metavar="URL", help="kopf's liveness endpoint")
-    p.add_argument("--metrics-address", default="0.0.0.0:8081", metavar="HOST:PORT",
+    p.add_argument("--metrics-address", default="0.0.0.0:8081", metavar="HOST:PORT", type=_metrics_address,
                    help="where /metrics (Prometheus text format) is served; empty: not served")
     p.add_argument("--trainer-image", default=None, help="trainer image for jobs whose spec sets none")
     p.add_argument("--default-storage-uri", default=None, help="storage for jobs without spec.storage (s3://...)")

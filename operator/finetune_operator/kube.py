@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,11 +182,13 @@ class Kube:
         self.timeout = timeout
         self.on_error: Callable[[int], None] | None = None  # told each failed call's HTTP status (metrics)
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    def _call(self, method: str, path: str, *, answers: Collection[int] = (), **kwargs: Any) -> dict[str, Any]:
+        """`_request`, telling `on_error` of each failure except the statuses in `answers`: those the
+        caller reads as an answer (a GET's 404: not there yet), not as an error."""
         try:
             return self._request(method, path, **kwargs)
         except ApiError as err:
-            if self.on_error is not None:
+            if self.on_error is not None and err.status not in answers:
                 self.on_error(err.status)
             raise
 
@@ -221,7 +223,7 @@ class Kube:
 
     def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
-            return self._call("GET", resource_path(api_version, kind, namespace, name))
+            return self._call("GET", resource_path(api_version, kind, namespace, name), answers=(404,))
         except ApiError as err:
             if err.not_found:
                 return None
@@ -258,7 +260,7 @@ class Kube:
 
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
         try:
-            self._call("DELETE", resource_path(api_version, kind, namespace, name))
+            self._call("DELETE", resource_path(api_version, kind, namespace, name), answers=(404,))
         except ApiError as err:
             if not err.not_found:
                 raise

@@ -28,18 +28,6 @@ RECONCILE_SECONDS = "finetune_reconcile_duration_seconds"
 API_ERRORS = "finetune_api_errors_total"
 EVENTS = "finetune_events_total"
 JOB_PHASE = "finetune_job_phase"
-# per-job gauge -> its help text (job_values reads each from a status)
-JOB_GAUGES: dict[str, str] = {
-    "finetune_job_step": "Optimizer steps done (status.progress.step).",
-    "finetune_job_total_steps": "Optimizer steps the run will take (status.progress.totalSteps).",
-    "finetune_job_loss": "Latest training loss (status.progress.loss).",
-    "finetune_job_tokens_per_second": "Training throughput (status.progress.tokensPerSecond).",
-    "finetune_job_eta_seconds": "Time to the end of training at the current pace (status.progress.estimatedRemainingSeconds).",
-    "finetune_job_checkpoint_age_seconds": "Seconds since the newest checkpoint reached storage (status.progress.checkpointTime).",
-    "finetune_job_restarts": "Times the workload restarted (JobSet restarts, or failed pods of a PyTorchJob).",
-}
-# every metric name a scrape can show (the dashboard's queries are checked against it)
-EXPORTED = (JOBS, RECONCILE_SECONDS, API_ERRORS, EVENTS, JOB_PHASE, *JOB_GAUGES)
 UNKNOWN = "unknown"
 
 
@@ -60,18 +48,40 @@ def restarts(status: Mapping[str, Any]) -> int:
     return sum(int((r or {}).get("failed") or 0) for r in (workload.get("replicaStatuses") or {}).values())
 
 
+@dataclass(frozen=True)
+class JobGauge:
+    """A per-job gauge's help text and `read(status, now)`: its value, or None where status has none."""
+
+    help: str
+    read: Callable[[Mapping[str, Any], float], Any]
+
+
+def _progress(what: str, key: str, value: Callable[[Any, float], Any] = lambda v, now: v) -> JobGauge:
+    """A gauge of status.progress.<key> (its help names the field it reads)."""
+    return JobGauge(f"{what} (status.progress.{key}).",
+                    lambda status, now: value((status.get("progress") or {}).get(key), now))
+
+
+# The per-job gauges, by name: the one table job_families declares them from and job_values reads them by.
+JOB_GAUGES: dict[str, JobGauge] = {
+    "finetune_job_step": _progress("Optimizer steps done", "step"),
+    "finetune_job_total_steps": _progress("Optimizer steps the run will take", "totalSteps"),
+    "finetune_job_loss": _progress("Latest training loss", "loss"),
+    "finetune_job_tokens_per_second": _progress("Training throughput", "tokensPerSecond"),
+    "finetune_job_eta_seconds": _progress("Time to the end of training at the current pace",
+                                          "estimatedRemainingSeconds"),
+    "finetune_job_checkpoint_age_seconds": _progress("Seconds since the newest checkpoint reached storage",
+                                                     "checkpointTime", _seconds_since),
+    "finetune_job_restarts": JobGauge("Times the workload restarted (JobSet restarts, or failed pods of a PyTorchJob).",
+                                      lambda status, now: restarts(status)),
+}
+# every metric name a scrape can show (the dashboard's queries are checked against it)
+EXPORTED = (JOBS, RECONCILE_SECONDS, API_ERRORS, EVENTS, JOB_PHASE, *JOB_GAUGES)
+
+
 def job_values(status: Mapping[str, Any], now: float) -> dict[str, float]:
     """The per-job gauges a status shows (a value missing from status is left out, not 0)."""
-    progress = status.get("progress") or {}
-    raw = {
-        "finetune_job_step": progress.get("step"),
-        "finetune_job_total_steps": progress.get("totalSteps"),
-        "finetune_job_loss": progress.get("loss"),
-        "finetune_job_tokens_per_second": progress.get("tokensPerSecond"),
-        "finetune_job_eta_seconds": progress.get("estimatedRemainingSeconds"),
-        "finetune_job_checkpoint_age_seconds": _seconds_since(progress.get("checkpointTime"), now),
-        "finetune_job_restarts": restarts(status),
-    }
+    raw = {name: gauge.read(status, now) for name, gauge in JOB_GAUGES.items()}
     return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -83,7 +93,7 @@ def job_families(jobs: Mapping[tuple[str, str], Mapping[str, Any]], now: float) 
                                labels=["phase", "backend"])
     tally: dict[tuple[str, str], int] = {}
     phase = GaugeMetricFamily(JOB_PHASE, "1 for the phase each FineTuneJob is in.", labels=["namespace", "name", "phase"])
-    gauges = {n: GaugeMetricFamily(n, h, labels=["namespace", "name"]) for n, h in JOB_GAUGES.items()}
+    gauges = {n: GaugeMetricFamily(n, g.help, labels=["namespace", "name"]) for n, g in JOB_GAUGES.items()}
     for (namespace, name), status in sorted(jobs.items()):
         key = (str(status.get("phase") or UNKNOWN), str(status.get("backend") or UNKNOWN))
         tally[key] = tally.get(key, 0) + 1
@@ -145,8 +155,11 @@ class _JobCollector:
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """'0.0.0.0:8081' (or ':8081', or '8081') -> (host, port)."""
+    """'0.0.0.0:8081' (or ':8081', or '8081') -> (host, port); ValueError naming the form otherwise,
+    so `--metrics-address` is checked when it is parsed, not when the server starts."""
     host, _, port = address.rpartition(":")
+    if not (port.isascii() and port.isdigit() and int(port) <= 65535) or any(ch.isspace() for ch in host):
+        raise ValueError(f"{address!r}: expected HOST:PORT with a PORT from 0 to 65535")
     return host or "0.0.0.0", int(port)
 
 

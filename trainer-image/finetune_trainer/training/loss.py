@@ -14,8 +14,9 @@ single tensor of a step. Here the head sees only the positions whose next token 
                         are unchanged
 
 The model's own forward still runs (DDP's and DeepSpeed's hooks see it); only the head's input
-shrinks. A model whose head input is not [B, T, H] gets the full hidden states and the full
-loss (the hook checks the shape; the loss checks the logits' rank).
+shrinks. A model whose head input is not [B, T, H], or whose head is not its output embeddings,
+gets the full hidden states and transformers' own loss (the hook checks the shape; the loss
+checks the logits' shape).
 """
 
 from __future__ import annotations
@@ -36,21 +37,21 @@ def learned_mask(labels: Any) -> Any:
 
 
 def learned_token_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
-    """Cross-entropy of the learned tokens; `outputs.logits` is [K, V] (selected) or [B, T, V]."""
-    import torch.nn.functional as F
+    """Cross-entropy of the learned tokens; `outputs.logits` is [K, V] (the head saw the learned
+    positions) or [B, T, V] (it saw every position: transformers' own ForCausalLMLoss). Both reduce
+    as transformers does (`fixed_cross_entropy`: a sum over num_items_in_batch, else the mean).
+    Logits that line up with neither (another K, another B or T) raise: no loss beats a wrong one."""
+    from transformers.loss.loss_utils import ForCausalLMLoss, fixed_cross_entropy
 
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    mask = learned_mask(labels)
-    if logits.dim() == 3:  # the head saw every position
-        logits = logits[mask]
-    targets = labels[:, 1:][mask[:, :-1]].to(logits.device)
-    reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
-    if num_items_in_batch is not None:
-        if hasattr(num_items_in_batch, "to"):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+    if logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(labels.shape):  # the head saw every position
+        return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch,
+                               ignore_index=IGNORE_INDEX)
+    targets = labels[:, 1:][learned_mask(labels)[:, :-1]].to(logits.device)
+    if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"logits {tuple(logits.shape)} line up with neither labels {tuple(labels.shape)} "
+                         f"nor their {targets.shape[0]} learned positions")
+    return fixed_cross_entropy(logits.float(), targets, num_items_in_batch, ignore_index=IGNORE_INDEX)
 
 
 class LearnedPositions:
