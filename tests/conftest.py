@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # moto_server on loopback: fixtures moto_server, s3_endpoint, s3_bucket, storage_uri, s3_outage.
 # The Kubernetes API emulator: fixtures emulator, cluster, operator (finetune_operator/testing/).
-pytest_plugins = ["s3_server", "finetune_operator.testing.fixtures"]
+pytest_plugins = ["s3_server", "tracking_servers", "finetune_operator.testing.fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

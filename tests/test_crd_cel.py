@@ -114,6 +114,9 @@ def spec(**sections) -> dict:
         (spec(output={"push_to_hub": True}), [".output.hub_model_id"]),
         (spec(output={"push_to_hub": True, "hub_model_id": "me/model"}), []),
         (spec(output={"push_to_hub": False, "hub_model_id": None}), []),
+        (spec(output={"merge_adapter": True}), []),  # lora by default
+        (spec(output={"merge_adapter": True}, fine_tuning={"method": "spectrum"}), [".output.merge_adapter"]),
+        (spec(output={"merge_adapter": True}, fine_tuning={"method": "full"}), [".output.merge_adapter"]),
         (spec(training={"gradient_accumulation_steps": 4}, distributed={"gradient_accumulation_steps": 8}),
          [".distributed.gradient_accumulation_steps"]),
         (spec(distributed={"gradient_accumulation_steps": 8}), []),  # training's follows it
@@ -165,6 +168,9 @@ GROUPS = {
         "distributed.gradient_accumulation_steps": (ABSENT, 1, 2, 3),
     }),
     "hub": _combinations(**{"output.push_to_hub": B, "output.hub_model_id": (ABSENT, None, "me/model")}),
+    "merge": _combinations(**{
+        "output.merge_adapter": B, "fine_tuning.method": (ABSENT, "full", "lora", "qlora", "spectrum"),
+    }),
     "eval": _combinations(**{
         "evaluation.do_eval": B, "evaluation.eval_strategy": (ABSENT, "steps", "epoch", "no"),
         "dataset.eval_path": (ABSENT, None, "e.jsonl"),
@@ -175,16 +181,48 @@ GROUPS = {
         "dataset.custom.response_template": (ABSENT, "{a}"),
     }),
 }
+# Run settings: the operator checks these when it renders (render.check), not the config loader.
+RUN_SETTINGS_GROUPS = {
+    "tracking": _combinations(**{
+        "output.report_to": (ABSENT, [], ["mlflow"], ["wandb"], ["tensorboard", "mlflow", "wandb"]),
+        "tracking.mlflow": (ABSENT, {"tracking_uri": "http://mlflow.mlflow.svc:5000"}),
+        "tracking.wandb": (ABSENT, {"project": "p"}, {"project": "p", "mode": "offline"},
+                           {"project": "p", "api_key_secret": {"name": "wandb", "key": "api-key"}}),
+    }),
+}
+
+
+def render_errors(spec: dict) -> list[str]:
+    from finetune_operator.render import RenderSettings, check
+
+    job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "demo", "namespace": "a"},
+           "spec": {**spec, "storage": {"uri": "s3://ckpt/runs"}}}
+    try:
+        check(job, RenderSettings(trainer_image="registry.example/trainer:1"))
+    except ConfigError as exc:
+        return [e.path for e in exc.errors]
+    return []
+
+
+def disagreements(cases: list[dict], ours) -> list[tuple]:
+    """The combinations where CEL and the operator (`ours`) do not refuse alike."""
+    out = []
+    for dotted in cases:
+        candidate = _nest(dotted)
+        cel, theirs = cel_failures(candidate), ours(candidate)
+        if bool(cel) != bool(theirs):
+            out.append((dotted, cel, theirs))
+    return out
+
+
+@pytest.mark.parametrize("group", RUN_SETTINGS_GROUPS)
+def test_cel_agrees_with_the_operator_on_run_settings(group):
+    assert not (found := disagreements(RUN_SETTINGS_GROUPS[group], render_errors)), found[:5]
+    assert sum(bool(render_errors(_nest(d))) for d in RUN_SETTINGS_GROUPS[group]) >= 6  # refusals were tried
 
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_cel_agrees_with_the_operator(group):
     """Every combination of the group's fields: CEL refuses exactly what the operator refuses."""
-    disagreements = []
-    for dotted in GROUPS[group]:
-        candidate = _nest(dotted)
-        cel, ours = cel_failures(candidate), operator_errors(candidate)
-        if bool(cel) != bool(ours):
-            disagreements.append((dotted, cel, ours))
-    assert not disagreements, disagreements[:5]
+    assert not (found := disagreements(GROUPS[group], operator_errors)), found[:5]
     assert len(GROUPS[group]) >= 6

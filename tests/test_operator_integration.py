@@ -167,6 +167,26 @@ def test_pytorchjob_states_are_mirrored_running_restarting_succeeded(cluster, op
         assert expected in events
 
 
+def test_a_succeeded_job_lists_its_outputs(cluster, operator, tmp_path):
+    """status.outputs appears with Succeeded=True: the URIs a pipeline chains to serving
+    (the trainer writes these files: tests/test_serving_outputs.py)."""
+    cluster.apply_job("demo", spec(tmp_path, output={"merge_adapter": True},
+                                   evaluation={"benchmarks": ["domain-specific-eval"], "domain_eval_path": "s3://data/e.jsonl"}))
+    wait_for(lambda: cluster.pytorchjob("demo"), what="the PyTorchJob")
+    cluster.set_pytorchjob_status("demo", pytorchjob_conditions("Created", "Running"))
+    cluster.wait_condition("demo", "Running", "True")
+    assert "outputs" not in cluster.job("demo")["status"]
+    cluster.set_pytorchjob_status("demo", pytorchjob_conditions("Created", "Succeeded"))
+    cluster.wait_condition("demo", "Succeeded", "True")
+    final = f"file://{tmp_path}/store/default/demo/final/"
+    assert cluster.job("demo")["status"]["outputs"] == {
+        "final": final, "adapter": final, "model": f"{final}merged/", "merged": f"{final}merged/",
+        "config": f"{final}config.yaml", "results": f"{final}train_results.json", "evaluation": f"{final}evaluation.json",
+        "metrics": f"file://{tmp_path}/store/default/demo/metrics.jsonl", "serving": f"{final}serving.md",
+        "inferenceService": f"{final}inferenceservice.yaml", "vllmCommand": f"{final}vllm-serve.sh",
+    }
+
+
 def test_a_finished_run_is_never_restarted(cluster, emulator, operator, tmp_path):
     """After Succeeded, the PyTorchJob may be cleaned up (TTL, a person); an operator restart
     (resume) must not re-create it, which would train again."""

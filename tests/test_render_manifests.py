@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from finetune_trainer import contract as c
-from finetune_operator.render import RenderSettings, render, spec_hash, to_yaml
+from finetune_operator.render import RenderSettings, check, render, spec_hash, to_yaml
 from finetune_operator.spec import StorageSpec
 from finetune_trainer.cli import main
 from finetune_trainer.config import ConfigError, load_config
@@ -120,10 +120,50 @@ def test_env(patch, expected):
     assert {k: env.get(k) for k in expected} == expected
 
 
+TRACKING = {"mlflow": {"tracking_uri": "http://mlflow.mlflow.svc:5000", "token_secret": {"name": "mlflow", "key": "token"},
+                       "basic_auth_secret": "mlflow-basic"},
+            "wandb": {"project": "llm", "entity": "team", "base_url": "https://wandb.example",
+                      "api_key_secret": {"name": "wandb", "key": "api-key"}}}
+
+
+def test_tracking_settings_become_the_trackers_env_with_keys_by_reference():
+    manifests = render(job(tracking=TRACKING, output={"report_to": ["mlflow", "wandb", "tensorboard"]}), SETTINGS)
+    env = env_of(manifests)
+    assert {k: env.get(k) for k in (c.ENV_MLFLOW_TRACKING_URI, c.ENV_MLFLOW_EXPERIMENT_NAME, c.ENV_WANDB_PROJECT,
+                                     c.ENV_WANDB_ENTITY, c.ENV_WANDB_BASE_URL, c.ENV_WANDB_MODE)} == {
+        c.ENV_MLFLOW_TRACKING_URI: "http://mlflow.mlflow.svc:5000", c.ENV_MLFLOW_EXPERIMENT_NAME: "team-a",
+        c.ENV_WANDB_PROJECT: "llm", c.ENV_WANDB_ENTITY: "team", c.ENV_WANDB_BASE_URL: "https://wandb.example",
+        c.ENV_WANDB_MODE: "online"}
+    assert env[c.ENV_MLFLOW_TRACKING_TOKEN] == {"secretKeyRef": {"name": "mlflow", "key": "token"}}
+    assert env[c.ENV_WANDB_API_KEY] == {"secretKeyRef": {"name": "wandb", "key": "api-key"}}
+    for key in (c.ENV_MLFLOW_TRACKING_USERNAME, c.ENV_MLFLOW_TRACKING_PASSWORD):
+        assert env[key] == {"secretKeyRef": {"name": "mlflow-basic", "key": key}}
+    config = yaml.safe_load(by_kind(manifests)["ConfigMap"]["data"][c.CONFIG_FILE])
+    assert config["output"]["report_to"] == ["mlflow", "wandb", "tensorboard"]
+    assert "tracking" not in config and "mlflow-basic" not in yaml.safe_dump(config)
+
+
+@pytest.mark.parametrize(
+    "patch,path",
+    [
+        ({"output": {"report_to": ["mlflow"]}}, "spec.tracking.mlflow"),
+        ({"output": {"report_to": ["wandb"]}}, "spec.tracking.wandb"),
+        ({"output": {"report_to": ["wandb"]}, "tracking": {"wandb": {"project": "p"}}}, "spec.tracking.wandb.api_key_secret"),
+        ({"env": [{"name": "WANDB_API_KEY", "value": "k"}]}, "spec.env[0].name"),
+        ({"env": [{"name": "MLFLOW_TRACKING_URI", "value": "http://x"}]}, "spec.env[0].name"),
+    ],
+)
+def test_tracking_needs_its_settings(patch, path):
+    with pytest.raises(ConfigError) as exc:
+        check(job(**patch), SETTINGS)
+    assert path in [e.path for e in exc.value.errors]
+
+
 def test_every_secret_backed_variable_is_in_the_contract():
     """The trainer redacts the values of contract.SECRET_ENV from sandboxed programs'
     output: a variable rendered from a Secret but missing there would not be redacted."""
-    manifests = render(job(hf_token_secret={"name": "hf", "key": "token"},
+    manifests = render(job(hf_token_secret={"name": "hf", "key": "token"}, tracking=TRACKING,
+                           output={"report_to": ["mlflow", "wandb"]},
                            storage={"uri": "s3://b/p", "credentials_secret": "s3-creds"}), SETTINGS)
     container = pod(manifests)["containers"][0]
     from_secrets = {e["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}

@@ -55,6 +55,15 @@ def _finetune(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(finetune), "status", *args], env=env, capture_output=True, text=True, timeout=60)
 
 
+def test_degraded_uploads_and_trackers_are_said_under_the_table():
+    job = {"metadata": {"namespace": "a", "name": "j"}, "status": {"phase": "Running", "progress": {
+        "step": 3, "totalSteps": 10, "trackerDegraded": True, "trackerError": "mlflow: start: ConnectionError",
+        "storageDegraded": False}}}
+    lines = status_lines([job])
+    assert lines[-1] == "! a/j: experiment tracker not reachable: mlflow: start: ConnectionError"
+    assert len(lines) == 3  # header, row, one warning (storage is fine)
+
+
 def test_finetune_status_reads_the_cluster(cluster, emulator, operator, tmp_path):
     cluster.apply_job("demo", spec(tmp_path))
     cluster.apply_job("idle", spec(tmp_path))

@@ -267,6 +267,13 @@ CEL_RULES: list[tuple[str, str, str]] = [
         ".output.hub_model_id",
     ),
     (
+        f"!({_true('output.merge_adapter')} && ({_eq('fine_tuning.method', repr('full'))}"
+        f" || {_eq('fine_tuning.method', repr('spectrum'))}))",
+        "output.merge_adapter needs an adapter to merge: fine_tuning.method full and spectrum save full weights "
+        "already; set merge_adapter to false, or use method lora or qlora",
+        ".output.merge_adapter",
+    ),
+    (
         f"!({_true('evaluation.do_eval')} && !{_eq('evaluation.eval_strategy', repr('no'))})"
         f" || {_has('dataset.eval_path')}",
         "evaluation.do_eval needs an evaluation set: set dataset.eval_path, or set evaluation.do_eval to false",
@@ -280,6 +287,19 @@ CEL_RULES: list[tuple[str, str, str]] = [
         )
         for key, ex in (("prompt_template", "{question}"), ("response_template", "{answer}"))
     ],
+    # mirrors of render.tracking_issues (run settings, checked by the operator too)
+    (
+        f"!({_has('output.report_to')} && 'mlflow' in self.output.report_to) || {_has('tracking.mlflow')}",
+        "output.report_to lists mlflow: set spec.tracking.mlflow.tracking_uri (e.g. http://mlflow.mlflow.svc:5000)",
+        ".tracking",
+    ),
+    (
+        f"!({_has('output.report_to')} && 'wandb' in self.output.report_to) || ({_has('tracking.wandb')}"
+        f" && ({_has('tracking.wandb.api_key_secret')} || {_eq('tracking.wandb.mode', repr('offline'))}))",
+        "output.report_to lists wandb: set spec.tracking.wandb.project and api_key_secret (name, key of a Secret), "
+        "or mode: offline",
+        ".tracking",
+    ),
 ]
 
 
@@ -293,6 +313,10 @@ def cel_validations() -> list[dict[str, str]]:
 
 def _num(description: str) -> dict[str, Any]:
     return {"description": description, "type": "number", "nullable": True}
+
+
+def _uri(description: str) -> dict[str, Any]:
+    return {"description": description, "type": "string"}
 
 
 def status_schema() -> dict[str, Any]:
@@ -333,12 +357,17 @@ def status_schema() -> dict[str, Any]:
             "skippedRows": {"type": "integer", "description": "Bad data rows skipped (dataset.skip_bad_rows)."},
             "packedRows": {"type": "integer", "description": "Rows the samples were packed into (training.sample_packing)."},
             "packingEfficiency": _num("Real tokens / packed rows' capacity (training.sample_packing)."),
+            "storageDegraded": {"type": "boolean", "description": "Checkpoint uploads are failing (retried; training goes on)."},
+            "storageError": {"type": "string", "description": "The last upload error while storageDegraded."},
+            "trackerDegraded": {"type": "boolean",
+                                "description": "An experiment tracker is not taking the run's data (retried; training goes on)."},
+            "trackerError": {"type": "string", "description": "Which tracker, and its last error, while trackerDegraded."},
             "lastUpdatedTime": {"type": "string", "format": "date-time"},
             "metrics": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
         },
     }
     return {
-        "description": "Observed state: conditions (kstatus), phase, progress and evaluation results.",
+        "description": "Observed state: conditions (kstatus), phase, progress, evaluation results and outputs.",
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": True,
         "properties": {
@@ -365,6 +394,24 @@ def status_schema() -> dict[str, Any]:
                 },
             },
             "progress": progress,
+            "outputs": {
+                "description": "Where a succeeded job's results are (URIs; a folder ends in /), for a pipeline "
+                "to chain to serving.",
+                "type": "object",
+                "properties": {
+                    "final": _uri("final/: the adapter or full weights, tokenizer, config and serving files."),
+                    "adapter": _uri("The LoRA adapter (lora, qlora): final/."),
+                    "model": _uri("A whole model a server loads: final/merged/, or final/ of a full or spectrum run."),
+                    "merged": _uri("The adapter merged into the base (output.merge_adapter): final/merged/."),
+                    "config": _uri("The exact config the run used."),
+                    "results": _uri("train_results.json: steps, losses, throughput, the merged dtype."),
+                    "evaluation": _uri("evaluation.json (evaluation.benchmarks)."),
+                    "metrics": _uri("metrics.jsonl: every logged step."),
+                    "serving": _uri("serving.md: how to serve the result."),
+                    "inferenceService": _uri("A KServe InferenceService (Hugging Face runtime) for the result."),
+                    "vllmCommand": _uri("vllm-serve.sh: the vllm serve command line."),
+                },
+            },
             "evaluation": {
                 "description": "Evaluation results after training.",
                 "type": "object",

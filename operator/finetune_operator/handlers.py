@@ -10,7 +10,8 @@ Thin edges over pure code (backends.py, render.py, workloads.py, status.py, kube
    write the status derived from what was applied, with the backend it ran on.
 2. workload_event: every event of a labelled PyTorchJob, TrainJob or JobSet recomputes the
    owner's status. The exit code comes from the pods when the job failed or restarts.
-Both write through `write_status`, the one writer: derive on the freshest body at hand,
+Both write through `write_status`, the one writer (a succeeded job's status also lists the URIs of
+its results, status.outputs: outputs.py): derive on the freshest body at hand,
 JSON-patch /status guarded by its resourceVersion, on 422 re-read and derive again; the
 Events posted (one per condition transition) are computed from what was written.
 
@@ -45,6 +46,7 @@ from . import backends as bk
 from . import status as st
 from finetune_trainer.contract import ANNOTATION_BACKEND, ANNOTATION_SPEC_HASH, BACKEND_AUTO, LABEL_JOB_NAME
 from .kube import JSON_PATCH, RETRY_DELAY, ApiError, Kube, status_json_patch
+from .outputs import job_outputs
 from .render import config_map_name, render, spec_hash
 from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
@@ -232,7 +234,8 @@ def refuse_to_apply(kube: Kube, job: Mapping[str, Any], generation: int, backend
     return Outcome(decided.acceptance, summary)
 
 
-def reconcile_fields(outcome: Outcome, spec_suspend: bool, when: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+def reconcile_fields(outcome: Outcome, spec_suspend: bool, when: str,
+                     settings: Any = None) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     """What a reconcile writes, derived on whichever body `write_status` has (the handler's,
     or a re-read after a conflict). The workload summary already in status wins over the
     one this reconcile read: it is written by the workload's own event handler, which sees
@@ -240,7 +243,7 @@ def reconcile_fields(outcome: Outcome, spec_suspend: bool, when: str) -> Callabl
 
     def fields(body: Mapping[str, Any]) -> dict[str, Any]:
         status = body.get("status") or {}
-        return derive(body, outcome.acceptance, spec_suspend, child_summary(status, outcome), when)
+        return derive(body, outcome.acceptance, spec_suspend, child_summary(status, outcome), when, settings)
 
     return fields
 
@@ -285,10 +288,12 @@ def child_summary(status: Mapping[str, Any] | None, outcome: Outcome) -> dict[st
 
 
 def derive(
-    body: Mapping[str, Any], acceptance: st.Acceptance, spec_suspend: bool, workload: Any, when: str
+    body: Mapping[str, Any], acceptance: st.Acceptance, spec_suspend: bool, workload: Any, when: str,
+    settings: Any = None,
 ) -> dict[str, Any]:
+    """The status fields we own; a succeeded job's also list its results (status.outputs)."""
     status = body.get("status") or {}
-    return st.conditions_for(
+    fields = st.conditions_for(
         generation=int(body["metadata"].get("generation") or 1),
         acceptance=acceptance,
         suspend=spec_suspend,
@@ -297,6 +302,11 @@ def derive(
         previous=status.get("conditions"),
         now=when,
     )
+    if fields["phase"] == st.PHASE_SUCCEEDED:
+        outputs = job_outputs(body, getattr(settings, "default_storage", None))
+        if outputs:
+            fields["outputs"] = outputs
+    return fields
 
 
 def announce(owner: Mapping[str, Any], events: list[st.Transition], metrics: Any = None) -> None:
@@ -316,7 +326,8 @@ def owner_events(before: Mapping[str, Any] | None, after: Mapping[str, Any], acc
     return events
 
 
-def sync_owner_status(kube: Kube, child: Mapping[str, Any], logger: logging.Logger, metrics: Any = None) -> None:
+def sync_owner_status(kube: Kube, child: Mapping[str, Any], logger: logging.Logger, metrics: Any = None,
+                      settings: Any = None) -> None:
     """A workload (any backend's kind) -> its FineTuneJob's status, through `write_status`."""
     meta = child["metadata"]
     backend = bk.backend_of(child)
@@ -343,7 +354,7 @@ def sync_owner_status(kube: Kube, child: Mapping[str, Any], logger: logging.Logg
                 return None
             return {"workload": summary, "backend": backend.name}
         acceptance = st.Acceptance.from_conditions(status.get("conditions"), int(owner["metadata"].get("generation") or 1))
-        return derive(owner, acceptance, (owner.get("spec") or {}).get("suspend") is True, summary, now())
+        return derive(owner, acceptance, (owner.get("spec") or {}).get("suspend") is True, summary, now(), settings)
 
     written = write_status(kube, owner, fields, logger)
     if written is not None:
@@ -438,7 +449,8 @@ def _reconcile_handler(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
     with api_errors(delay):
         outcome = reconcile_job(memo.kube, job, memo.render_settings, getattr(memo, "discovery", None))
         spec_suspend = (job.get("spec") or {}).get("suspend") is True
-        written = write_status(memo.kube, job, reconcile_fields(outcome, spec_suspend, when), logger)
+        written = write_status(memo.kube, job, reconcile_fields(outcome, spec_suspend, when, memo.render_settings),
+                               logger)
     before, after = written if written is not None else (job.get("status") or {}, job.get("status") or {})
     events = owner_events(before, {**before, **after}, outcome.acceptance)
     if outcome.choice is not None and after.get("backend") and not before.get("backend"):
@@ -464,7 +476,7 @@ def workload_event(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_
     metrics = getattr(memo, "metrics", None)
     try:
         with metrics.timed("workload_event") if metrics is not None else contextlib.nullcontext():
-            sync_owner_status(memo.kube, as_job(body), logger, metrics)
+            sync_owner_status(memo.kube, as_job(body), logger, metrics, getattr(memo, "render_settings", None))
     except ApiError as err:
         logger.warning(f"could not update the FineTuneJob's status: {err}")
 

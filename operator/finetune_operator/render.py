@@ -96,7 +96,7 @@ def check(job: dict[str, Any], settings: RenderSettings, backend: Backend | None
         known = {e.path for e in exc.errors}
         raise ConfigError(exc.errors + [i for i in untyped if i.path not in known], exc.warnings) from None
     spec: FineTuneJobSpec = loaded.config  # type: ignore[assignment]
-    issues = [*untyped, *policy_issues(spec, settings), *resource_issues(spec), *storage_issues(spec, settings),
+    issues = [*untyped, *policy_issues(spec, settings), *resource_issues(spec), *storage_issues(spec, settings), *tracking_issues(spec),
               *(backend_issues(spec, backend) if backend else [])]
     if issues:
         raise ConfigError(issues, loaded.warnings)
@@ -162,6 +162,22 @@ def backend_issues(spec: FineTuneJobSpec, backend: Backend) -> list[ConfigIssue]
         issues.append(ConfigIssue("spec.training_runtime", f"names a ClusterTrainingRuntime, which only the trainjob "
                                   f"backend uses; this job runs on {backend.name}: set spec.backend to trainjob "
                                   f"(on a cluster that serves TrainJob) or remove spec.training_runtime"))
+    return issues
+
+
+def tracking_issues(spec: FineTuneJobSpec) -> list[ConfigIssue]:
+    """A tracker in output.report_to needs its endpoint (and W&B online its key) in spec.tracking."""
+    tracking, issues = spec.tracking, []
+    if "mlflow" in spec.output.report_to and not (tracking and tracking.mlflow):
+        issues.append(ConfigIssue("spec.tracking.mlflow", "spec.output.report_to lists mlflow: set "
+                                  "spec.tracking.mlflow.tracking_uri (e.g. http://mlflow.mlflow.svc:5000)"))
+    if "wandb" in spec.output.report_to:
+        if not (tracking and tracking.wandb):
+            issues.append(ConfigIssue("spec.tracking.wandb", "spec.output.report_to lists wandb: set "
+                                      "spec.tracking.wandb.project and api_key_secret (name, key of a Secret)"))
+        elif tracking.wandb.mode == "online" and not tracking.wandb.api_key_secret:
+            issues.append(ConfigIssue("spec.tracking.wandb.api_key_secret", "W&B online needs an API key: name the "
+                                      "Secret key holding it (name, key), or set mode: offline"))
     return issues
 
 
@@ -441,7 +457,29 @@ def env(ctx: _Context) -> list[dict[str, Any]]:
         out.append(_value(c.ENV_AWS_REGION, storage.region))
     if storage.path_style:
         out.append(_value(c.ENV_S3_ADDRESSING, "path"))
-    return out + [_value(var.name, var.value) for var in spec.env]
+    return out + tracking_env(spec, ctx.namespace) + [_value(var.name, var.value) for var in spec.env]
+
+
+def tracking_env(spec: FineTuneJobSpec, namespace: str) -> list[dict[str, Any]]:
+    """spec.tracking as the trackers' own variables: endpoints as values, keys by reference."""
+    out: list[dict[str, Any]] = []
+    mlflow = spec.tracking.mlflow if spec.tracking else None
+    wandb = spec.tracking.wandb if spec.tracking else None
+    if mlflow:
+        out += [_value(c.ENV_MLFLOW_TRACKING_URI, mlflow.tracking_uri),
+                _value(c.ENV_MLFLOW_EXPERIMENT_NAME, mlflow.experiment or namespace)]
+        if mlflow.token_secret:
+            out.append(_secret(c.ENV_MLFLOW_TRACKING_TOKEN, mlflow.token_secret.name, mlflow.token_secret.key))
+        if mlflow.basic_auth_secret:
+            out += [_secret(key, mlflow.basic_auth_secret, key)
+                    for key in (c.ENV_MLFLOW_TRACKING_USERNAME, c.ENV_MLFLOW_TRACKING_PASSWORD)]
+    if wandb:
+        out += [_value(c.ENV_WANDB_PROJECT, wandb.project), _value(c.ENV_WANDB_MODE, wandb.mode)]
+        out += [_value(name, value) for name, value in ((c.ENV_WANDB_ENTITY, wandb.entity),
+                                                        (c.ENV_WANDB_BASE_URL, wandb.base_url)) if value]
+        if wandb.api_key_secret:
+            out.append(_secret(c.ENV_WANDB_API_KEY, wandb.api_key_secret.name, wandb.api_key_secret.key))
+    return out
 
 
 class _BlockStrings(yaml.SafeDumper):

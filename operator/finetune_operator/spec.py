@@ -21,10 +21,13 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 
 
+DNS_SUBDOMAIN = r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"  # names of Secrets and ClusterTrainingRuntimes
+
+
 class SecretKeyRef(Section):
     """A key of a Secret in the job's namespace; the value never enters the spec."""
 
-    name: NonEmptyStr = Field(pattern=DNS_LABEL.replace("([-a-z0-9]*", "([-.a-z0-9]*"), description="Secret name.")
+    name: NonEmptyStr = Field(pattern=DNS_SUBDOMAIN, description="Secret name.")
     key: NonEmptyStr = Field(description="Key within the Secret.")
 
 
@@ -42,9 +45,52 @@ class StorageSpec(Section):
     path_style: bool = Field(default=False, description="Use path-style addressing (MinIO, Ceph).")
     credentials_secret: NonEmptyStr | None = Field(
         default=None,
-        pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$",
+        pattern=DNS_SUBDOMAIN,
         description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, passed to the pods by reference.",
     )
+
+
+class MlflowTracking(Section):
+    """Where output.report_to's mlflow reports (the pods' MLFLOW_* env)."""
+
+    tracking_uri: NonEmptyStr = Field(
+        pattern=r"^(https?://.+|databricks(://.*)?)$",
+        description="MLflow tracking server (MLFLOW_TRACKING_URI), e.g. http://mlflow.mlflow.svc:5000.",
+    )
+    experiment: NonEmptyStr | None = Field(
+        default=None, description="Experiment name (MLFLOW_EXPERIMENT_NAME). Default: the job's namespace."
+    )
+    token_secret: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding a bearer token (MLFLOW_TRACKING_TOKEN), by reference."
+    )
+    basic_auth_secret: NonEmptyStr | None = Field(
+        default=None,
+        pattern=DNS_SUBDOMAIN,
+        description="Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, by reference.",
+    )
+
+
+class WandbTracking(Section):
+    """Where output.report_to's wandb reports (the pods' WANDB_* env)."""
+
+    project: NonEmptyStr = Field(description="W&B project (WANDB_PROJECT).")
+    entity: NonEmptyStr | None = Field(default=None, description="W&B entity: team or user (WANDB_ENTITY).")
+    base_url: NonEmptyStr | None = Field(
+        default=None, pattern=r"^https?://.+", description="Self-hosted W&B server (WANDB_BASE_URL). Default: W&B cloud."
+    )
+    api_key_secret: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the W&B API key (WANDB_API_KEY), by reference. Needed online."
+    )
+    mode: Literal["online", "offline"] = Field(
+        default="online", description="offline: the run is written to the pod's disk only (WANDB_MODE)."
+    )
+
+
+class TrackingSpec(Section):
+    """Endpoints and credentials of the experiment trackers named in output.report_to."""
+
+    mlflow: MlflowTracking | None = Field(default=None, description="MLflow tracking server.")
+    wandb: WandbTracking | None = Field(default=None, description="Weights & Biases.")
 
 
 class EnvVar(Section):
@@ -73,6 +119,9 @@ class FineTuneJobSpec(FineTuneConfig):
     hf_token_secret: SecretKeyRef | None = Field(
         default=None, description="Secret key holding a Hugging Face token (HF_TOKEN), for gated models and push_to_hub."
     )
+    tracking: TrackingSpec | None = Field(
+        default=None, description="Experiment trackers' endpoints and Secrets (output.report_to names the trackers)."
+    )
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables for the trainer.")
     suspend: bool = Field(default=False, description="Suspend the job: no pods run until it is set to false.")
     queue_name: NonEmptyStr | None = Field(
@@ -87,7 +136,7 @@ class FineTuneJobSpec(FineTuneConfig):
     )
     training_runtime: NonEmptyStr | None = Field(
         default=None,
-        pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$",
+        pattern=DNS_SUBDOMAIN,
         description="trainjob backend: the ClusterTrainingRuntime the TrainJob references. Default: the "
         "operator's --trainjob-runtime (torch-distributed, the runtime Kubeflow Trainer v2 installs).",
     )

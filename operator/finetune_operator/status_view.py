@@ -61,7 +61,23 @@ def status_lines(jobs: Iterable[Mapping[str, Any]]) -> list[str]:
     if len(rows) == 1:
         return ["No FineTuneJobs found."]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return table + [line for job in sorted(jobs, key=lambda j: (j["metadata"].get("namespace", ""),
+                                                               j["metadata"].get("name", "")))
+                    for line in warnings(job)]
+
+
+# status.progress flags the trainer raises while training goes on without something
+DEGRADED = (("storageDegraded", "storageError", "checkpoint uploads failing"),
+            ("trackerDegraded", "trackerError", "experiment tracker not reachable"))
+
+
+def warnings(job: Mapping[str, Any]) -> list[str]:
+    """One line under the table per degraded part of a job (uploads, trackers)."""
+    meta, progress = job.get("metadata") or {}, (job.get("status") or {}).get("progress") or {}
+    where = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+    return [f"! {where}: {what}: {progress.get(detail) or 'no detail'}"
+            for flag, detail, what in DEGRADED if progress.get(flag) is True]
 
 
 def read_jobs(kube: Any, namespace: str | None, name: str | None) -> list[dict[str, Any]]:

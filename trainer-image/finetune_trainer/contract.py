@@ -66,9 +66,29 @@ ENV_LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
 # short for a checkpoint upload); render sets it from the termination grace period.
 ENV_TORCHRUN_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 
+# Experiment trackers (spec.tracking -> the pods' env; the libraries' own variable names, so a
+# local `finetune train` is configured the way users of transformers already do it).
+ENV_MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"
+ENV_MLFLOW_EXPERIMENT_NAME = "MLFLOW_EXPERIMENT_NAME"
+ENV_MLFLOW_TRACKING_TOKEN = "MLFLOW_TRACKING_TOKEN"  # from spec.tracking.mlflow.token_secret
+ENV_MLFLOW_TRACKING_USERNAME = "MLFLOW_TRACKING_USERNAME"  # both from spec.tracking.mlflow.basic_auth_secret,
+ENV_MLFLOW_TRACKING_PASSWORD = "MLFLOW_TRACKING_PASSWORD"  # keys of the same names
+ENV_WANDB_API_KEY = "WANDB_API_KEY"  # from spec.tracking.wandb.api_key_secret
+ENV_WANDB_PROJECT = "WANDB_PROJECT"
+ENV_WANDB_ENTITY = "WANDB_ENTITY"
+ENV_WANDB_BASE_URL = "WANDB_BASE_URL"
+ENV_WANDB_MODE = "WANDB_MODE"
+# A tracker that is down is given this long at the end of the run to take what is queued.
+ENV_TRACKER_FLUSH_SECONDS = "FINETUNE_TRACKER_FLUSH_SECONDS"
+TRACKER_FLUSH_SECONDS = 30.0
+# Storage layout: TensorBoard event files under <storage>/<ns>/<job>/TENSORBOARD_KEY/.
+TENSORBOARD_KEY = "tensorboard"
+TRACKING_STATE_FILE = "tracking.json"  # in each checkpoint: the trackers' run ids, for resume
+
 # Every variable the operator fills from a Secret (secretKeyRef). The trainer treats their
 # values as secrets: redacted from anything a sandboxed program printed (secret_env.py).
-SECRET_ENV = (ENV_HF_TOKEN, ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY)
+SECRET_ENV = (ENV_HF_TOKEN, ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY, ENV_MLFLOW_TRACKING_TOKEN,
+              ENV_MLFLOW_TRACKING_USERNAME, ENV_MLFLOW_TRACKING_PASSWORD, ENV_WANDB_API_KEY)
 
 SECRETS_MOUNT_ROOT = "/var/run/secrets"  # where the kubelet mounts the ServiceAccount token
 SERVICE_ACCOUNT_DIR = f"{SECRETS_MOUNT_ROOT}/kubernetes.io/serviceaccount"
@@ -170,6 +190,16 @@ RESERVED_ENV: dict[str, str] = {
     ENV_AWS_ENDPOINT_URL: "set from spec.storage.endpoint_url",
     ENV_AWS_REGION: "set from spec.storage.region",
     ENV_S3_ADDRESSING: "set from spec.storage.path_style",
+    ENV_MLFLOW_TRACKING_URI: "set from spec.tracking.mlflow.tracking_uri",
+    ENV_MLFLOW_EXPERIMENT_NAME: "set from spec.tracking.mlflow.experiment",
+    ENV_MLFLOW_TRACKING_TOKEN: "comes from a Secret: set spec.tracking.mlflow.token_secret (name, key)",
+    ENV_MLFLOW_TRACKING_USERNAME: "comes from a Secret: set spec.tracking.mlflow.basic_auth_secret",
+    ENV_MLFLOW_TRACKING_PASSWORD: "comes from a Secret: set spec.tracking.mlflow.basic_auth_secret",
+    ENV_WANDB_API_KEY: "comes from a Secret: set spec.tracking.wandb.api_key_secret (name, key)",
+    ENV_WANDB_PROJECT: "set from spec.tracking.wandb.project",
+    ENV_WANDB_ENTITY: "set from spec.tracking.wandb.entity",
+    ENV_WANDB_BASE_URL: "set from spec.tracking.wandb.base_url",
+    ENV_WANDB_MODE: "set from spec.tracking.wandb.mode",
 }
 RESERVED_ENV_PREFIXES = ("FINETUNE_", "PET_")
 
@@ -202,6 +232,42 @@ ANNOTATION_BACKEND = f"{GROUP}/backend"  # on every child: the backend the job w
 
 def job_storage_uri(base_uri: str, namespace: str, name: str) -> str:
     return f"{base_uri.rstrip('/')}/{namespace}/{name}"
+
+
+# final/: what a finished run publishes. Its top holds the adapter (lora, qlora) or the full
+# weights (full, spectrum), the tokenizer and the files below; merged/ (output.merge_adapter)
+# the adapter merged into 16-bit base weights. The trainer writes them; the operator lists
+# their URIs in status.outputs when the job succeeds (final_outputs).
+FINAL_KEY = "final"
+MERGED_DIR = "merged"  # final/merged/: full weights, tokenizer; loads in plain transformers
+METRICS_FILE = "metrics.jsonl"  # beside final/, not in it
+RESULTS_FILE = "train_results.json"
+EVALUATION_FILE = "evaluation.json"  # only when evaluation.benchmarks ran
+SERVING_FILE = "serving.md"  # how to serve the result, for people
+KSERVE_FILE = "inferenceservice.yaml"  # a KServe InferenceService (Hugging Face runtime)
+VLLM_FILE = "vllm-serve.sh"  # the `vllm serve` command line
+ADAPTER_METHODS = ("lora", "qlora")  # methods whose final/ holds an adapter, not full weights
+
+
+def final_outputs(job_uri: str, *, adapter: bool, merged: bool, evaluation: bool) -> dict[str, str]:
+    """status.outputs: the URI of each thing a finished run published under `job_uri` (a folder
+    ends in "/"). `model` is what a server loads as a whole model: the merged weights, or the
+    full weights of a full/spectrum run; an adapter run without merging has `adapter` only."""
+    root = job_uri.rstrip("/")
+    final = f"{root}/{FINAL_KEY}/"
+    out = {"final": final}
+    if adapter:
+        out["adapter"] = final
+    if merged or not adapter:
+        out["model"] = f"{final}{MERGED_DIR}/" if merged else final
+    if merged:
+        out["merged"] = f"{final}{MERGED_DIR}/"
+    out |= {"config": final + CONFIG_FILE, "results": final + RESULTS_FILE}
+    if evaluation:
+        out["evaluation"] = final + EVALUATION_FILE
+    out |= {"metrics": f"{root}/{METRICS_FILE}", "serving": final + SERVING_FILE,
+            "inferenceService": final + KSERVE_FILE, "vllmCommand": final + VLLM_FILE}
+    return out
 
 
 # ------------------------------------------------------------------------- exit codes

@@ -56,6 +56,9 @@ FIELDS = {
     "checkpoint_uri": "checkpointUri",
     "storage_degraded": "storageDegraded",
     "storage_error": "storageError",
+    # from the experiment trackers (tracking/__init__.py progress_fields)
+    "tracker_degraded": "trackerDegraded",
+    "tracker_error": "trackerError",
 }
 
 

@@ -1,7 +1,8 @@
 """`finetune train`: the stages of a fine-tuning run, top to bottom.
 
     config -> seed -> tokenizer -> data -> model + method -> Trainer -> train (resume)
-           -> eval after -> save (weights, tokenizer, config, metrics, loss curve) -> push -> sample
+           -> eval after -> save (weights, tokenizer, config, metrics, loss curve)
+           -> serving (merged weights, serving.md, vLLM and KServe manifests) -> publish -> push -> sample
 
 Every rank runs every stage (torchrun starts one process per GPU; the Trainer shards the
 data and syncs the gradients). Only the world's main process writes the shared files and
@@ -18,14 +19,14 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, ConfigIssue, FineTuneConfig, dump_config
 from .config.rules import resolve_deepspeed_path
-from .contract import EXIT_OK, EXIT_PERMANENT, world
+from .contract import CONFIG_FILE, EXIT_OK, EXIT_PERMANENT, METRICS_FILE, RESULTS_FILE, world
 from .data import IGNORE_INDEX, DataError, data_collator, prepare_data
 from .training.arguments import training_arguments
 from .training.callbacks import (
@@ -39,15 +40,13 @@ from .training.callbacks import (
     SessionRecorder,
     perplexity,
 )
+from .tracking import missing_packages, open_tracking
 from .training.deepspeed import deepspeed_config
 
 log = logging.getLogger("finetune_trainer.train")
 
 
-METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
-CONFIG_FILE = "config.yaml"
-RESULTS_FILE = "train_results.json"
 SAMPLE_NEW_TOKENS = 40
 
 
@@ -83,9 +82,10 @@ def train(
 
     from .methods import prepare_model
     from .model.loading import load_tokenizer
-    from .training.trainer import FineTuneTrainer
 
     set_seed(cfg.training.seed)
+    if main and (issues := missing_packages(cfg.output.report_to)):
+        raise ConfigError(issues)  # before minutes of loading: the image lacks a tracker's library
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(dump_config(cfg))
@@ -138,7 +138,18 @@ def train(
             f.write(json_line(data_record(stats, step=checkpoint_step(resume) if resume else 0, now=time.time())) + "\n")
         if resume:
             log.info("resuming from %s", resume)
+    tracking = open_tracking(cfg, out, resume=resume, store=storage.store)  # nothing to do off the main process
+    with tracking.ended_on_failure():
+        return _train_and_save(cfg, out, method=method, args=args, tokenizer=tokenizer, data=data, storage=storage,
+                               resume=resume, tracking=tracking, callbacks=callbacks, reporters=reporters)
 
+
+def _train_and_save(cfg: FineTuneConfig, out: Path, *, method, args, tokenizer, data, storage, resume, tracking,
+                    callbacks, reporters) -> RunResult:
+    """The Trainer, then the results; `train` ends the tracker runs if this raises."""
+    from .training.trainer import FineTuneTrainer
+
+    main = is_main_process()
     session = SessionRecorder()
     trainer = FineTuneTrainer(
         model=method.model,
@@ -151,8 +162,10 @@ def train(
         processing_class=tokenizer,
         callbacks=[
             NonFiniteLossGuard(),
-            MetricsCallback(out / METRICS_FILE, reporters=with_fields(reporters, [storage, DataFields(data.stats)])),
+            MetricsCallback(out / METRICS_FILE, reporters=with_fields(reporters, [storage, DataFields(data.stats), tracking]),
+                            sinks=[tracking.record]),
             session,
+            tracking,  # before storage: the trackers' run ids go into each checkpoint's manifest
             storage,
             *callbacks,
         ],
@@ -171,6 +184,7 @@ def train(
     stopped = storage.exit_code if storage.exit_code is not None else early_exit_code(callbacks)
     if stopped is not None:  # e.g. preempted: the checkpoint is saved, the run is not finished
         log.warning("training stopped at step %d; exiting %d", trainer.state.global_step, stopped)
+        tracking.finish(ok=False)  # the resumed attempt continues these runs
         _end(trainer)
         return RunResult(stopped, out)
     after = final_evaluation(trainer, session) if data.eval is not None else None
@@ -186,16 +200,22 @@ def train(
         resumed_from=resume,
     )
     if trainer.is_world_process_zero():
+        from .serving import write_serving_outputs
+
+        # merged/ (output.merge_adapter), serving.md, vllm-serve.sh, inferenceservice.yaml: into final/
+        results["serving"] = write_serving_outputs(cfg, out, tokenizer, total_params=method.total_params)
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
         from .training.plots import plot_loss
 
         plot_loss(out / METRICS_FILE, out / LOSS_PLOT_FILE)
     if trainer.is_world_process_zero() and cfg.evaluation.benchmarks and benchmarks_can_run(cfg):
-        evaluate_after(trainer.model, tokenizer, cfg, out, before, reporters)
+        evaluate_after(trainer.model, tokenizer, cfg, out, before, reporters, tracking)
     storage.publish(out)  # metrics.jsonl and final/ to object storage
     if cfg.output.push_to_hub:
         trainer.push_to_hub(commit_message=f"finetune: {cfg.fine_tuning.method} of {cfg.model.base_model}")
 
+    tracking.finish(ok=True)
+    tracking.report_end(reporters)
     answer = sample_answer(trainer, tokenizer, data.eval) if data.eval is not None else None
     if trainer.is_world_process_zero():
         print(report(results, answer, out), flush=True)
@@ -212,13 +232,15 @@ def benchmarks_can_run(cfg: FineTuneConfig) -> bool:
     return True
 
 
-def evaluate_after(model, tokenizer, cfg: FineTuneConfig, out: Path, before, reporters) -> None:
+def evaluate_after(model, tokenizer, cfg: FineTuneConfig, out: Path, before, reporters, tracking) -> None:
     """Benchmarks on the trained model: evaluation.json (uploaded with final/), the before ->
-    after table, and status.evaluation."""
+    after table (also to the trackers), and status.evaluation."""
     from .evaluation import evaluation_status, finish_evaluation, run_benchmarks
+    from .evaluation.report import metric_rows
 
     after = run_benchmarks(model, tokenizer, cfg, stage="after")
     report = finish_evaluation(out, after, before)
+    tracking.log_evaluation(metric_rows(report))
     uri = f"{cfg.output.storage_uri.rstrip('/')}/final/evaluation.json" if cfg.output.storage_uri else None
     summary = evaluation_status(report, results_uri=uri)
     for reporter in reporters:

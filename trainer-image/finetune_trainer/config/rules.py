@@ -109,6 +109,16 @@ def hub_needs_model_id(cfg: FineTuneConfig, ctx: RuleContext) -> Iterator[Config
         )
 
 
+def merge_needs_an_adapter(cfg: FineTuneConfig, ctx: RuleContext) -> Iterator[ConfigIssue]:
+    method = cfg.fine_tuning.method
+    if cfg.output.merge_adapter and method in ("full", "spectrum"):
+        yield error(
+            "output.merge_adapter",
+            f"fine_tuning.method '{method}' trains the base weights themselves and saves them whole: there is "
+            "no adapter to merge; set output.merge_adapter: false (or use method 'lora'/'qlora')",
+        )
+
+
 def eval_needs_eval_set(cfg: FineTuneConfig, ctx: RuleContext) -> Iterator[ConfigIssue]:
     if cfg.trains_eval() and not cfg.dataset.eval_path:
         yield error(
@@ -284,6 +294,7 @@ RULES: list[Rule] = [
     full_needs_unquantized,
     accumulation_agrees,
     hub_needs_model_id,
+    merge_needs_an_adapter,
     eval_needs_eval_set,
     eval_steps_agree,
     custom_format_has_templates,

@@ -24,6 +24,8 @@ DatasetFormat = Literal["alpaca", "sharegpt", "oasst", "custom", "text"]
 OasstPaths = Literal["best", "all"]
 EvalStrategy = Literal["steps", "epoch", "no"]
 Benchmark = Literal["lm-evaluation-harness", "domain-specific-eval", "human-eval"]
+# Experiment trackers, by the names transformers' `report_to` uses (tracking/ reports to them).
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
 # The names transformers' TrainingArguments accepts for `optim` that make sense for
 # fine-tuning; the seed lists the first three.
 Optimizer = Literal[
@@ -343,6 +345,34 @@ class OutputConfig(Section):
     hub_model_id: NonEmptyStr | None = Field(
         default=None, pattern=r"^[\w.-]+/[\w.-]+$", description='Hub repository, "username/model-name".'
     )
+    merge_adapter: bool = Field(
+        default=False,
+        description="LoRA/QLoRA: also write the adapter merged into the base weights (final/merged/: a plain "
+        "transformers model, in the training precision; QLoRA merges into the unquantized base in "
+        "bnb_4bit_compute_dtype, never into the 4-bit one). full and spectrum already save full weights.",
+    )
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        max_length=3,
+        description="Experiment trackers the main process reports to: tensorboard, mlflow, wandb (transformers' "
+        'names; default none, "none" also means none). Endpoints and keys come from the environment '
+        "(a FineTuneJob: spec.tracking), never from this file.",
+    )
+    run_name: NonEmptyStr | None = Field(
+        default=None, description="The run's name in the trackers. Default: the FineTuneJob's name, else output_dir's."
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: Any) -> Any:
+        """transformers takes one name or a list, and "none" for none: so do we."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            value = [v for v in value if v != "none"]
+            if len(set(map(str, value))) != len(value):
+                raise ValueError("lists a tracker twice")
+        return value
 
 
 class LmEvalConfig(Section):

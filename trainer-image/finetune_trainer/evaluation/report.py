@@ -14,8 +14,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..contract import EVALUATION_FILE
+
 FORMAT_VERSION = 1
-EVALUATION_FILE = "evaluation.json"
 STATUS_MAX_METRICS = 20  # status objects stay small; evaluation.json has everything
 LOWER_IS_BETTER = ("perplexity", "reference_loss", "bits_per_byte", "loss")
 

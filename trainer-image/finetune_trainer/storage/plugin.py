@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import FineTuneConfig
-from ..contract import world
+from ..contract import FINAL_KEY, MERGED_DIR, METRICS_FILE, world
 from .callback import CheckpointSyncCallback, _distributed, keep_trying
 from .checkpoints import (
     _read_manifest,
@@ -37,11 +37,11 @@ from .uploader import BackgroundUploader, node_topology
 
 log = logging.getLogger(__name__)
 
-METRICS_KEY = "metrics.jsonl"
-FINAL_KEY = "final"
+METRICS_KEY = METRICS_FILE
 # What the final model folder holds: everything the run wrote at the top of output_dir
-# except what has its own place in storage.
-NOT_FINAL = {"metrics.jsonl"}
+# except what has its own place in storage, and the folders named here (not checkpoints).
+NOT_FINAL = {METRICS_FILE}
+FINAL_FOLDERS = {MERGED_DIR}  # final/merged/: the merged model (output.merge_adapter)
 
 
 class StoragePlugin(CheckpointSyncCallback):
@@ -119,7 +119,8 @@ class StoragePlugin(CheckpointSyncCallback):
         return fields
 
     def publish(self, output_dir: Path) -> None:
-        """After the final save: `metrics.jsonl` and `final/` to storage (global rank 0)."""
+        """After the final save: `metrics.jsonl` and `final/` (the top of output_dir, and merged/
+        as final/merged/) to storage (global rank 0)."""
         if self.uploader is not None:
             self.uploader.close()
         if self.store is None or world().rank != 0:
@@ -130,6 +131,8 @@ class StoragePlugin(CheckpointSyncCallback):
         for item in output_dir.iterdir():
             if item.is_file() and item.name not in NOT_FINAL:
                 os.link(item, final / item.name)  # a hard link: no copy of the weights
+            elif item.is_dir() and item.name in FINAL_FOLDERS:
+                shutil.copytree(item, final / item.name, copy_function=os.link)
 
         def upload() -> None:
             if (output_dir / METRICS_KEY).is_file():

@@ -117,12 +117,14 @@ def json_line(record: dict[str, Any]) -> str:
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends one JSON line per log (training and evaluation) to metrics.jsonl and hands the
-    figures to the progress reporters. tokens/s is measured between consecutive logs."""
+    """Appends one JSON line per log (training and evaluation) to metrics.jsonl, hands the
+    record to the sinks and the figures to the progress reporters. tokens/s is measured between consecutive logs."""
 
-    def __init__(self, path: str | Path, reporters: list[ProgressReporter] | None = None):
+    def __init__(self, path: str | Path, reporters: list[ProgressReporter] | None = None,
+                 sinks: list[Callable[[dict[str, Any]], None]] | None = None):
         self.path = Path(path)
         self.reporters = list(reporters or [])
+        self.sinks = list(sinks or [])  # get each record as written (the experiment trackers)
         self._start = self._last_time = time.time()
         self._start_step = 0
         self._last_tokens = 0
@@ -161,6 +163,8 @@ class MetricsCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json_line(record) + "\n")
+        for sink in self.sinks:
+            sink(record)
         update = progress_update(
             record, total_steps=state.max_steps, start_step=self._start_step, elapsed=now - self._start
         )
