@@ -99,12 +99,13 @@ def test_a_resumed_attempt_continues_the_same_run(tmp_path, tiny_model_dir, mlfl
     log = tmp_path / "attempt-1.log"
     proc = start_train(config, log, env)
 
-    def checkpoint_complete_and_its_steps_in_mlflow():
-        complete = bucket.complete()
-        runs = runs_named(mlflow_server, "resume", "resumed-run") if complete else []
-        return runs and len(history(mlflow_server, runs[0].info.run_id)) >= complete[-1] and runs[0]
+    def a_checkpoint_complete_and_the_run_created():
+        runs = runs_named(mlflow_server, "resume", "resumed-run") if bucket.complete() else []
+        return runs and runs[0]
 
-    first = wait_until(checkpoint_complete_and_its_steps_in_mlflow, proc, log, "a complete checkpoint, its losses in MLflow")
+    # Killed whatever MLflow has received by then: the resumed attempt replays metrics.jsonl up to
+    # its checkpoint (MLflow keeps identical points once), so no step is missing from the run.
+    first = wait_until(a_checkpoint_complete_and_the_run_created, proc, log, "a complete checkpoint and the MLflow run")
     kill_pod(proc)
     newest = bucket.complete()[-1]
     assert newest < 160, "the first attempt finished before it was killed"

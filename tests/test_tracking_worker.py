@@ -17,6 +17,7 @@ class Recorder:
     """A tracker that records its calls; `fail` maps a method to how many calls of it fail."""
 
     name = "recorder"
+    replays_history = False
 
     def __init__(self, fail: dict[str, int] | None = None, hang: threading.Event | None = None):
         self.calls: list[tuple] = []
@@ -239,3 +240,18 @@ def test_tensorboard_publishes_event_files_at_checkpoints_and_as_they_grow(tmp_p
     (second,) = store.list("tensorboard/")
     assert second.size > first.size
     tracker.finish(True)
+
+
+def test_a_resumed_run_replays_the_kept_history_to_trackers_that_dedupe():
+    """MLflow stores an identical point once, so a resume refills what a killed attempt never sent;
+    trackers without that property get no replay."""
+    replaying, plain = Recorder(), Recorder()
+    replaying.name, replaying.replays_history = "mlflow", True
+    workers = [TrackerWorker(replaying), TrackerWorker(plain)]
+    kept = [{"step": 0, "time": 1.0, "loss": None, "data": {}}, {"step": 1, "time": 2.0, "loss": 3.0},
+            {"step": 2, "time": 3.0, "loss": 2.5, "eval_loss": 2.7}]
+    tracking = Tracking(workers, params={}, config={}, resume_state={"mlflow": {"run_id": "r"}}, history=kept)
+    tracking.finish(ok=True)
+    (replay,) = [c for c in replaying.calls if c[0] == "log_history"]
+    assert replay[1] == [({"loss": 3.0}, 1, 2.0), ({"loss": 2.5, "eval_loss": 2.7}, 2, 3.0)]
+    assert not [c for c in plain.calls if c[0] == "log_history"]

@@ -138,7 +138,8 @@ def train(
             f.write(json_line(data_record(stats, step=checkpoint_step(resume) if resume else 0, now=time.time())) + "\n")
         if resume:
             log.info("resuming from %s", resume)
-    tracking = open_tracking(cfg, out, resume=resume, store=storage.store)  # nothing to do off the main process
+    tracking = open_tracking(cfg, out, resume=resume, store=storage.store,  # nothing to do off the main process
+                             metrics_file=out / METRICS_FILE)
     with tracking.ended_on_failure():
         return _train_and_save(cfg, out, method=method, args=args, tokenizer=tokenizer, data=data, storage=storage,
                                resume=resume, tracking=tracking, callbacks=callbacks, reporters=reporters)

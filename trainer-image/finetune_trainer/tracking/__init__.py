@@ -44,13 +44,19 @@ class Tracking(TrainerCallback):
     """The trackers of one run; see the module docstring."""
 
     def __init__(self, workers: list[TrackerWorker], *, params: dict[str, str], config: dict[str, Any],
-                 resume_state: Mapping[str, Any] | None, flush_seconds: float = TRACKER_FLUSH_SECONDS):
+                 resume_state: Mapping[str, Any] | None, flush_seconds: float = TRACKER_FLUSH_SECONDS,
+                 history: list[Mapping[str, Any]] = ()):
         self.workers = workers
         self.flush_seconds = flush_seconds
         self._final: dict[str, Any] = {}
         for worker in workers:
             worker.submit("start", (resume_state or {}).get(worker.name))
             worker.submit("log_params", params, config)  # MLflow and W&B skip it on a resumed run
+            if history and getattr(worker.tracker, "replays_history", False):
+                # A SIGKILLed attempt may not have delivered its last figures before the checkpoint;
+                # metrics.jsonl has them. MLflow keeps identical points once, so a replay only fills gaps.
+                worker.submit("log_history", [(figures(r, sectioned=False), int(r["step"]), float(r["time"]))
+                                              for r in history if figures(r, sectioned=False)])
 
     @property
     def names(self) -> list[str]:
@@ -144,8 +150,15 @@ def missing_packages(report_to: list[str]) -> list[ConfigIssue]:
     ]
 
 
+def read_history(metrics_file: Path) -> list[dict[str, Any]]:
+    """The records a resumed run's metrics.jsonl kept (steps up to the checkpoint)."""
+    if not metrics_file.is_file():
+        return []
+    return [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+
+
 def open_tracking(cfg: FineTuneConfig, output_dir: Path, *, resume: str | None, store: Any = None,
-                  environ: Mapping[str, str] | None = None) -> Tracking:
+                  environ: Mapping[str, str] | None = None, metrics_file: Path | None = None) -> Tracking:
     from .trackers import MlflowTracker, TensorBoardTracker, WandbTracker
 
     env = os.environ if environ is None else environ
@@ -166,5 +179,6 @@ def open_tracking(cfg: FineTuneConfig, output_dir: Path, *, resume: str | None, 
     flush = float(env.get(ENV_TRACKER_FLUSH_SECONDS) or TRACKER_FLUSH_SECONDS)
     workers = [TrackerWorker(make[n]()) for n in report_to]
     log.info("reporting to %s as run %r", ", ".join(report_to), name)
+    history = read_history(metrics_file) if resume and metrics_file else []
     return Tracking(workers, params=flatten(config), config=config, resume_state=read_state(resume),
-                    flush_seconds=flush)
+                    flush_seconds=flush, history=history)

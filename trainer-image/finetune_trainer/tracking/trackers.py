@@ -34,7 +34,8 @@ MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
-MLFLOW_PARAMS_PER_CALL = 100  # log_batch's limit
+MLFLOW_PARAMS_PER_CALL = 100  # log_batch's limits
+MLFLOW_METRICS_PER_CALL = 1000
 MLFLOW_MAX_PARAM_VALUE = 6000  # the server's limit on a param value
 MLFLOW_DEFAULT_EXPERIMENT = "Default"
 WANDB_DEFAULT_PROJECT = "finetune"
@@ -43,6 +44,7 @@ TENSORBOARD_PUBLISH_SECONDS = 30.0  # event files go to storage at most this oft
 
 class MlflowTracker:
     name = "mlflow"
+    replays_history = True  # identical metric points are stored once: a resume can refill gaps
 
     def __init__(self, *, run_name: str, tags: dict[str, str]):
         self.run_name, self.tags = run_name, tags
@@ -87,6 +89,13 @@ class MlflowTracker:
 
         stamp = int(wall_time * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in figures.items()])
+
+    def log_history(self, points: list[tuple[dict[str, float], int, float]]) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(k, v, int(t * 1000), step) for figures, step, t in points for k, v in figures.items()]
+        for i in range(0, len(metrics), MLFLOW_METRICS_PER_CALL):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + MLFLOW_METRICS_PER_CALL])
 
     def log_evaluation(self, rows: list[dict[str, Any]]) -> None:
         self.client.log_dict(self.run_id, {"rows": rows}, "evaluation/table.json")
