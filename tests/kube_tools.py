@@ -179,9 +179,10 @@ def _close_objects(node: dict, top: bool = True) -> None:
 
 # ------------------------------------------------------------------ kubectl without a cluster
 
-# Kinds beyond the emulator's defaults that the examples use (Secret, the GitOps tools' kinds).
+# Kinds beyond the emulator's defaults that the examples use (Secret, PVCs, the GitOps tools' kinds).
 EXTRA_KINDS = [
     ("v1/secrets", "Secret", True),
+    ("v1/persistentvolumeclaims", "PersistentVolumeClaim", True),
     ("argoproj.io/v1alpha1/applications", "Application", True),
     ("kustomize.toolkit.fluxcd.io/v1/kustomizations", "Kustomization", True),
     ("source.toolkit.fluxcd.io/v1/gitrepositories", "GitRepository", True),

@@ -7,11 +7,13 @@ A pytest plugin (tests/conftest.py: `pytest_plugins = ["s3_server"]`) with fixtu
   storage_uri   parametrized: an s3:// URI in a fresh bucket, then a file:// URI in tmp_path
   s3_outage     a private moto_server behind a TCP gate with a bucket: `.down()` refuses
                 every connection (open ones are cut), `.up()` serves again with the data intact
-The classes are importable on their own (benchmarks use MotoServer).
+The classes are importable on their own (benchmarks use MotoServer). `MotoServer.requests()`
+reads the requests it served from its log; `TcpGate(port, rate=...)` also slows each connection.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -76,6 +78,12 @@ class MotoServer:
         self.stop()
         raise RuntimeError(f"moto_server did not answer on {self.endpoint} within {timeout:.0f}s")
 
+    def requests(self, method: str | None = None, path: str = "") -> list[str]:
+        """The requests served so far, as "GET /bucket/key" (werkzeug's log lines; a line is written
+        as its response ends), those of `method` whose path starts with `path`."""
+        served = re.findall(r'"([A-Z]+) (\S+) HTTP/[\d.]+"', Path(self.log.name).read_text(errors="replace"))
+        return [f"{m} {p}" for m, p in served if (method is None or m == method) and p.startswith(path)]
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -95,11 +103,13 @@ class MotoServer:
 
 class TcpGate:
     """A loopback TCP forwarder that can refuse service and come back on the same port:
-    an S3 outage (connection refused, open connections cut) whose data survives."""
+    an S3 outage (connection refused, open connections cut) whose data survives. `rate`: at most
+    this many bytes a second through each connection, each way (a slow network)."""
 
-    def __init__(self, target_port: int, port: int | None = None):
+    def __init__(self, target_port: int, port: int | None = None, rate: float | None = None):
         self.target_port = target_port
         self.port = port or free_port()
+        self.rate = rate
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -153,6 +163,8 @@ class TcpGate:
         try:
             while data := src.recv(1 << 16):
                 dst.sendall(data)
+                if self.rate:
+                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         for sock in (src, dst):

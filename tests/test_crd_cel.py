@@ -74,7 +74,7 @@ def operator_errors(spec: dict) -> list[str]:
 def test_rules_read_only_typed_fields():
     """The API server exposes only typed nodes to CEL; a rule naming another does not compile."""
     for rule, _, field_path in CEL_RULES:
-        for path in set(re.findall(r"self\.([a-z_.0-9]+)", rule)):
+        for path in set(re.findall(r"self\.([a-z_0-9]+(?:\.[a-z_0-9]+)*)(?![A-Za-z_0-9(])", rule)):  # not .startsWith(
             node = schema_at(path)
             assert node is not None and node.get("type") in TYPES, f"{rule!r} reads {path}, which CEL cannot see"
         assert schema_at(field_path) is not None, f"fieldPath {field_path} is not in the schema"
@@ -188,6 +188,15 @@ RUN_SETTINGS_GROUPS = {
         "tracking.mlflow": (ABSENT, {"tracking_uri": "http://mlflow.mlflow.svc:5000"}),
         "tracking.wandb": (ABSENT, {"project": "p"}, {"project": "p", "mode": "offline"},
                            {"project": "p", "api_key_secret": {"name": "wandb", "key": "api-key"}}),
+    }),
+    "model_volume": _combinations(**{
+        "model.base_model": ("m", "org/m", "/models", "/models/llama", "/modelsx/llama", "/data/llama", "/data"),
+        "model.tokenizer": (ABSENT, None, "org/tok", "/models/tok", "/data/tok"),
+        "model_volume": (ABSENT, {"claim_name": "models"}, {"claim_name": "models", "mount_path": "/models"},
+                         {"claim_name": "models", "mount_path": "/data", "sub_path": "hf", "read_only": False},
+                         {"claim_name": "models", "mount_path": "/workspace/models"},
+                         {"claim_name": "models", "mount_path": "/dev"}, {"claim_name": "models", "mount_path": "/tmpfs"},
+                         {"claim_name": "models", "mount_path": "/var/run/secrets/models"}),
     }),
 }
 

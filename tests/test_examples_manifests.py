@@ -141,6 +141,17 @@ def test_secret_is_what_the_jobs_reference():
         assert job["metadata"]["namespace"] == secret["metadata"]["namespace"], path.name
 
 
+def test_model_claims_are_what_the_job_mounts():
+    claims = documents(EXAMPLES / "pvc-models.yaml")
+    assert [e for claim in claims for e in kube_schema_errors(claim)] == []
+    (job,) = documents(EXAMPLES / "finetunejob-model-volume.yaml")
+    by_name = {claim["metadata"]["name"]: claim for claim in claims}
+    assert set(by_name) == {job["spec"]["model_volume"]["claim_name"], job["spec"]["model_cache"]["claim_name"]}
+    assert by_name[job["spec"]["model_cache"]["claim_name"]]["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod
+    assert job["spec"]["model"]["base_model"].startswith(job["spec"]["model_volume"]["mount_path"] + "/")
+    assert {claim["metadata"]["namespace"] for claim in claims} == {job["metadata"]["namespace"]}
+
+
 class Yaml12Floats(yaml.SafeLoader):
     """kustomize writes 1.0e-5 as 1e-05, a float in YAML 1.2 (and to the API server) but a
     string to PyYAML's YAML 1.1 rules."""

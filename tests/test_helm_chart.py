@@ -39,9 +39,10 @@ VALUE_SETS: dict[str, dict] = {
         "fullnameOverride": "ft",
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}},
     },
-    # Cluster-wide with peering, TrainJobs only on a custom runtime.
+    # Cluster-wide with peering, TrainJobs only on a custom runtime, air-gapped (no Hugging Face Hub).
     "clusterwide-peering": {"peering": {"enabled": True}, "trainer": {"image": "registry.local/trainer:dev"},
-                            "backend": {"enabled": ["trainjob"], "trainJobRuntime": "torch-cuda"}},
+                            "backend": {"enabled": ["trainjob"], "trainJobRuntime": "torch-cuda"},
+                            "hub": {"offline": True}},
 }
 
 
@@ -159,6 +160,37 @@ def test_args_are_accepted_by_the_operator_cli(rendered):
     backends = args.backends.split(",") if isinstance(args.backends, str) else list(args.backends)
     assert backends == backend.get("enabled", ["trainjob", "jobset", "pytorchjob"])
     assert args.trainjob_runtime == backend.get("trainJobRuntime", "torch-distributed")
+    assert args.hub_offline is values.get("hub", {}).get("offline", False)
+
+
+def test_hub_offline_reaches_the_training_pods(rendered):
+    """hub.offline -> --hub-offline -> RenderSettings -> HF_HUB_OFFLINE=1 in the trainer's env."""
+    from finetune_trainer import contract
+    from finetune_trainer.cli import build_parser
+    from finetune_operator.render import RenderSettings, render
+
+    name, objs = rendered
+    settings = RenderSettings.from_args(build_parser().parse_args(operator_container(objs)["args"]))
+    job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "demo", "namespace": "a"},
+           "spec": {"model": {"base_model": "m", "trust_remote_code": False}, "dataset": {"train_path": "d.jsonl"},
+                    "storage": {"uri": "s3://b/p"}}}
+    workload = render(job, settings, settings.enabled_backends[0])[-1]
+    env = next(_values(workload, "env"))  # the trainer's, wherever the backend keeps it
+    offline = VALUE_SETS[name].get("hub", {}).get("offline", False)
+    assert {"name": contract.ENV_HF_HUB_OFFLINE, "value": "1"} in env if offline else \
+        contract.ENV_HF_HUB_OFFLINE not in {e["name"] for e in env}
+
+
+def _values(node, key):
+    """Every value under `node` at a key named `key`, depth first."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _values(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _values(item, key)
 
 
 def test_image_reference(rendered):
@@ -226,6 +258,7 @@ def test_peering_objects_follow_the_scope(rendered):
         ({"polcy": {}}, "polcy"),
         ({"backend": {"default": "kubeflow"}}, "backend"),
         ({"backend": {"enabled": ["mpijob"]}}, "backend"),
+        ({"hub": {"offline": "yes"}}, "offline"),
     ],
 )
 def test_values_schema_refuses(values, message):

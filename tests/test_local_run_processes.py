@@ -17,11 +17,13 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+import yaml
 
 from finetune_trainer.launch import torchrun_command
 
 from finetune_trainer import contract as c
-from finetune_operator.local import execute, local_command, plan
+from finetune_trainer.config import ConfigError
+from finetune_operator.local import execute, local_command, parse_volumes, plan
 from finetune_operator.render import RenderSettings
 
 pytestmark = pytest.mark.timeout(120)
@@ -118,6 +120,49 @@ def test_plan_mirrors_the_training_operators_env(tmp_path, stand_in):
     configs = [replica.config_path.read_text() for replica in the_plan.replicas]
     assert len(set(configs)) == 3  # each replica its own output_dir ...
     assert all(f"storage_uri: file://{(tmp_path / 'run').resolve()}/storage/default/local-demo" in t for t in configs)
+
+
+@pytest.mark.parametrize("backend", ["pytorchjob", "jobset", "trainjob"])
+def test_a_model_cache_claim_is_one_folder_for_every_replica_else_one_each(tmp_path, backend):
+    separate = plan(job(3, backend=backend), RenderSettings(), tmp_path / "a", base_env={}).replicas
+    assert [r.env[c.ENV_MODEL_CACHE] for r in separate] == [
+        str((tmp_path / "a" / r.name / "model-cache").resolve()) for r in separate]
+    assert {r.env[c.ENV_MODEL_CACHE_SHARED] for r in separate} == {"0"}  # each node fetches for itself
+    shared = plan(job(3, backend=backend, model_cache={"claim_name": "cache"}), RenderSettings(), tmp_path / "b",
+                  base_env={}).replicas
+    assert {r.env[c.ENV_MODEL_CACHE] for r in shared} == {str((tmp_path / "b" / "model-cache").resolve())}
+    assert {r.env[c.ENV_MODEL_CACHE_SHARED] for r in shared} == {"1"}  # rank 0 fetches for the job
+    kept = tmp_path / "my-cache"
+    kept.mkdir()
+    again = plan(job(2, model_cache={"claim_name": "cache"}), RenderSettings(), tmp_path / "c", base_env={},
+                 volumes={"cache": kept}).replicas
+    assert {r.env[c.ENV_MODEL_CACHE] for r in again} == {str(kept)}  # --volume cache=DIR: kept between runs
+
+
+def test_a_model_volume_claim_is_a_local_folder(tmp_path):
+    models = tmp_path / "models"
+    (models / "hf" / "llama").mkdir(parents=True)
+    spec = {"model": {"base_model": "/mnt/models/llama", "tokenizer": "/mnt/models/llama/tok"},
+            "model_volume": {"claim_name": "base-models", "mount_path": "/mnt/models", "sub_path": "hf"}}
+    the_plan = plan(job(2, **spec), RenderSettings(), tmp_path / "run", base_env={}, volumes={"base-models": models})
+    for replica in the_plan.replicas:
+        model = yaml.safe_load(replica.config_path.read_text())["model"]
+        assert model["base_model"] == str((models / "hf" / "llama").resolve())
+        assert model["tokenizer"] == str((models / "hf" / "llama" / "tok").resolve())
+    with pytest.raises(ConfigError) as exc:  # the claim exists only in the cluster
+        plan(job(1, **spec), RenderSettings(), tmp_path / "run2", base_env={})
+    assert [e.path for e in exc.value.errors] == ["spec.model.base_model", "spec.model.tokenizer"]
+    assert "--volume base-models=" in exc.value.errors[0].message
+    with pytest.raises(ConfigError) as exc:  # a misspelt claim, a missing folder
+        plan(job(1, **spec), RenderSettings(), tmp_path / "run3", base_env={},
+             volumes={"base-model": models, "base-models": tmp_path / "nowhere"})
+    assert [e.path for e in exc.value.errors] == ["--volume", "--volume"]
+    # Without a model volume an absolute path is this machine's (a pod would need the volume).
+    local = plan(job(1, model={"base_model": str(models)}), RenderSettings(), tmp_path / "run4", base_env={})
+    assert yaml.safe_load(local.replicas[0].config_path.read_text())["model"]["base_model"] == str(models)
+    assert parse_volumes(["base-models=~/m"]) == {"base-models": Path("~/m").expanduser()}
+    with pytest.raises(ConfigError):
+        parse_volumes(["base-models"])
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,8 @@ PATCHES = [
      "env": [{"name": "NCCL_DEBUG", "value": "INFO"}], "termination_grace_period_seconds": 600,
      "storage": {"uri": "s3://ckpt/runs", "credentials_secret": "s3", "endpoint_url": "http://minio:9000"}},
     {"suspend": True},
+    {"model": {"base_model": "/models/llama-3.1-8b", "trust_remote_code": False}, "nodes": 2,
+     "model_volume": {"claim_name": "base-models", "sub_path": "hf"}, "model_cache": {"claim_name": "model-cache"}},
 ]
 
 
@@ -167,6 +169,46 @@ def test_shared_pod_contract(backend):
     assert w["metadata"]["labels"][c.LABEL_KUEUE_QUEUE] == "q" and w["spec"]["suspend"] is True  # queued
     assert w["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     assert w["metadata"]["annotations"][c.ANNOTATION_BACKEND] == backend
+
+
+def pod_parts(w: dict) -> tuple[dict, dict, list[dict]]:
+    """(pod spec, trainer container, its env) of any backend's workload; a TrainJob's from its patch."""
+    if w["kind"] == "TrainJob":
+        spec = w["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+            "template"]["spec"]["template"]["spec"]
+        return spec, spec["containers"][0], w["spec"]["trainer"]["env"]
+    template = (w["spec"]["pytorchReplicaSpecs"]["Master"]["template"] if w["kind"] == "PyTorchJob"
+                else jobset_pod_template(w))
+    return template["spec"], template["spec"]["containers"][0], template["spec"]["containers"][0]["env"]
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("read_only", [None, False])
+def test_model_volume_and_shared_cache_reach_every_backend(backend, read_only):
+    volume = {"claim_name": "base-models", "mount_path": "/data/models", "sub_path": "hf",
+              **({} if read_only is None else {"read_only": read_only})}
+    w = workload(backend, model={"base_model": "/data/models/llama", "trust_remote_code": False}, model_volume=volume,
+                 model_cache={"claim_name": "shared-cache"})
+    spec, box, env = pod_parts(w)
+    ro = read_only is None  # read-only unless the spec says otherwise
+    volumes, mounts = {v["name"]: v for v in spec["volumes"]}, {m["name"]: m for m in box["volumeMounts"]}
+    assert volumes["models"] == {"name": "models", "persistentVolumeClaim": {"claimName": "base-models", "readOnly": ro}}
+    assert mounts["models"] == {"name": "models", "mountPath": "/data/models", "readOnly": ro, "subPath": "hf"}
+    assert volumes["model-cache"] == {"name": "model-cache", "persistentVolumeClaim": {"claimName": "shared-cache"}}
+    assert mounts["model-cache"] == {"name": "model-cache", "mountPath": c.MODEL_CACHE_MOUNT}
+    assert (env_of(env)[c.ENV_MODEL_CACHE], env_of(env)[c.ENV_MODEL_CACHE_SHARED]) == (c.MODEL_CACHE_MOUNT, "1")
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["fsGroup"] == c.TRAINER_UID
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("offline", [False, True])
+def test_without_a_model_cache_each_pod_caches_in_its_emptydir(backend, offline):
+    spec, box, env = pod_parts(render(job(), RenderSettings(trainer_image="x:1", hub_offline=offline), backend)[-1])
+    assert not [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    values = env_of(env)
+    assert (values[c.ENV_MODEL_CACHE], values[c.ENV_MODEL_CACHE_SHARED]) == (c.MODEL_CACHE_DIR, "0")
+    assert c.MODEL_CACHE_DIR.startswith(c.WORK_DIR + "/")  # in the workspace emptyDir
+    assert values.get(c.ENV_HF_HUB_OFFLINE) == ("1" if offline else None)
 
 
 def test_trainjob_trainer_and_runtime():

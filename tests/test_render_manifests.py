@@ -276,6 +276,64 @@ def test_pod_is_non_root_with_shm_and_the_config_mounted():
     assert spec["serviceAccountName"] == "demo-trainer"
 
 
+# ------------------------------------------------------------ base models: volume, cache, Hub
+
+
+def test_model_volume_is_mounted_read_only_and_the_cache_shared():
+    manifests = render(job(model={"base_model": "/models/llama-3.1-8b", "trust_remote_code": False}, nodes=2,
+                           model_volume={"claim_name": "base-models"}, model_cache={"claim_name": "cache"}), SETTINGS)
+    for replica in ("Master", "Worker"):
+        spec = pod(manifests, replica)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "base-models", "readOnly": True}
+        assert mounts[c.MODEL_VOLUME_DIR] == {"name": "models", "mountPath": c.MODEL_VOLUME_DIR, "readOnly": True}
+        assert volumes[mounts[c.MODEL_CACHE_MOUNT]["name"]]["persistentVolumeClaim"] == {"claimName": "cache"}
+        env = env_of(manifests, replica)
+        assert (env[c.ENV_MODEL_CACHE], env[c.ENV_MODEL_CACHE_SHARED]) == (c.MODEL_CACHE_MOUNT, "1")
+    assert "base_model: /models/llama-3.1-8b" in by_kind(manifests)["ConfigMap"]["data"][c.CONFIG_FILE]
+
+
+@pytest.mark.parametrize(
+    "model,volume,path",
+    [
+        ({"base_model": "/models/llama"}, None, "spec.model.base_model"),  # a path needs the volume
+        ({"base_model": "/data/llama"}, {"claim_name": "m"}, "spec.model.base_model"),  # outside its mount
+        ({"base_model": "/modelsx/llama"}, {"claim_name": "m"}, "spec.model.base_model"),  # a prefix is not a folder
+        ({"base_model": "m", "tokenizer": "/tok"}, {"claim_name": "m", "mount_path": "/models"}, "spec.model.tokenizer"),
+        ({"base_model": "m"}, {"claim_name": "m", "mount_path": "/workspace/models"}, "spec.model_volume.mount_path"),
+        ({"base_model": "m"}, {"claim_name": "m", "mount_path": "/var"}, "spec.model_volume.mount_path"),
+        ({"base_model": "m"}, {"claim_name": "m", "mount_path": "/models/"}, "spec.model_volume.mount_path"),
+        ({"base_model": "m"}, {"claim_name": "m", "sub_path": "/abs"}, "spec.model_volume.sub_path"),
+        ({"base_model": "m"}, {"claim_name": "m", "sub_path": "a/../b"}, "spec.model_volume.sub_path"),
+        ({"base_model": "/data/llama"}, {"claim_name": "m", "mount_path": "/data"}, None),
+        ({"base_model": "/models"}, {"claim_name": "m", "sub_path": "llama"}, None),  # the mount is the model
+        ({"base_model": "m", "tokenizer": "/models/tok"}, {"claim_name": "m"}, None),  # only the tokenizer there
+        ({"base_model": "meta-llama/Llama-3.1-8B"}, {"claim_name": "m"}, None),
+    ],
+)
+def test_model_paths_must_lie_on_the_model_volume(model, volume, path):
+    patch = {"model": {**model, "trust_remote_code": False}, **({"model_volume": volume} if volume else {})}
+    if path is None:
+        assert render(job(**patch), SETTINGS)
+        return
+    with pytest.raises(ConfigError) as exc:
+        render(job(**patch), SETTINGS)
+    assert [e.path for e in exc.value.errors] == [path]
+
+
+def test_hub_offline_reaches_every_pod_and_refuses_what_needs_the_hub():
+    offline = RenderSettings(trainer_image="x:1", hub_offline=True)
+    assert env_of(render(job(nodes=2), offline), "Worker")[c.ENV_HF_HUB_OFFLINE] == "1"
+    assert c.ENV_HF_HUB_OFFLINE not in env_of(render(job(), SETTINGS))
+    # A job may go offline by itself (spec.env), but not back online where the operator says offline.
+    assert env_of(render(job(env=[{"name": c.ENV_HF_HUB_OFFLINE, "value": "1"}]), SETTINGS))[c.ENV_HF_HUB_OFFLINE] == "1"
+    with pytest.raises(ConfigError) as exc:
+        render(job(env=[{"name": c.ENV_HF_HUB_OFFLINE, "value": "0"}],
+                   output={"push_to_hub": True, "hub_model_id": "me/m"}), offline)
+    assert [e.path for e in exc.value.errors] == ["spec.env[0].name", "spec.output.push_to_hub"]
+
+
 # ----------------------------------------------------------------- config map, RBAC, ownership
 
 
@@ -387,7 +445,10 @@ REPLICA_FIELDS = {"replicas", "restartPolicy", "template"}
 
 
 @pytest.mark.parametrize("patch", [{}, {"nodes": 4, "gpus_per_node": 8, "hf_token_secret": {"name": "h", "key": "t"},
-                                        "resources": {"requests": {"cpu": "4"}}, "queue_name": "q"}])
+                                        "resources": {"requests": {"cpu": "4"}}, "queue_name": "q"},
+                                   {"model": {"base_model": "/models/m", "trust_remote_code": False}, "nodes": 2,
+                                    "model_volume": {"claim_name": "models", "sub_path": "hf", "read_only": False},
+                                    "model_cache": {"claim_name": "cache"}}])
 def test_manifests_pass_the_kubernetes_schemas(patch):
     manifests = render(job(**patch), SETTINGS)
     for m in manifests[:4]:

@@ -89,6 +89,19 @@ def test_interval_elapsed_sends_again(cluster, emulator):
     assert cluster.job("demo")["status"]["progress"]["step"] == 2
 
 
+def test_the_model_goes_out_as_status_model(cluster, emulator):
+    """set_model (train.py, once the model is fetched): status.model, beside the progress."""
+    make_job(cluster)
+    reporter = StatusReporter(status_url(emulator), min_interval=0.0)
+    reporter.set_model({"source": "org/model", "revision": "0123456789abcdef0123456789abcdef01234567"})
+    wait_for(lambda: reporter.sent == 1, what="the model's patch")
+    reporter({"step": 3})
+    reporter.close()
+    status = cluster.job("demo")["status"]
+    assert status["model"] == {"source": "org/model", "revision": "0123456789abcdef0123456789abcdef01234567"}
+    assert status["progress"]["step"] == 3 and reporter.failed == 0
+
+
 def test_api_errors_never_reach_training(emulator):
     # No such job: the API answers 404 to every patch; the trainer's calls still return at once.
     reporter = StatusReporter(status_url(emulator, "missing"), min_interval=0.0)

@@ -38,7 +38,8 @@ def resource(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any
 
 CONTAINER_PATCH = obj(["name"], name=STRING, env=array(OPEN), volumeMounts=array(OPEN), securityContext=OPEN)
 POD_SPEC_PATCH = obj(  # PodSpecPatch: the fields managers are permitted to set
-    serviceAccountName=STRING, volumes=array(obj(["name"], name=STRING, configMap=OPEN, emptyDir=OPEN)),
+    serviceAccountName=STRING, volumes=array(obj(["name"], name=STRING, configMap=OPEN, emptyDir=OPEN,
+                                                persistentVolumeClaim=OPEN)),
     initContainers=array(CONTAINER_PATCH), containers=array(CONTAINER_PATCH), securityContext=OPEN,
     affinity=OPEN, tolerations=array(OPEN), nodeSelector=LABELS, schedulingGates=array(OPEN),
     imagePullSecrets=array(OPEN), terminationGracePeriodSeconds=INT,

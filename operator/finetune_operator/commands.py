@@ -22,7 +22,14 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", dest="trainer_image", default=None, help="trainer image when the spec sets none")
     p.add_argument("--default-storage-uri", default=None, help="storage when the spec has no spec.storage")
     p.add_argument("--forbid-trust-remote-code", action="store_true", help="refuse model.trust_remote_code: true")
+    _hub_offline_arg(p)
     _backend_args(p)
+
+
+def _hub_offline_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hub-offline", action="store_true",
+                   help="HF_HUB_OFFLINE=1 in every trainer pod: nothing calls the Hugging Face Hub (models come from "
+                        "spec.model_volume, the model cache or storage)")
 
 
 BACKEND_CHOICES = ["auto", "pytorchjob", "trainjob", "jobset"]
@@ -81,6 +88,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     _settings_args(p)
     p.add_argument("--run-dir", default=None, help="where configs, logs and file:// storage go (default: a temp dir)")
     p.add_argument("--nproc-per-node", type=int, default=None, help="processes per replica (default: from the spec)")
+    p.add_argument("--volume", action="append", default=[], metavar="CLAIM=DIR",
+                   help="a local directory standing in for a PersistentVolumeClaim (spec.model_volume, model_cache); "
+                        "repeatable")
 
 
 def cmd_run(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -118,6 +128,7 @@ def _operator_args(p: argparse.ArgumentParser) -> None:
         "--default-storage-credentials-secret", default=None, help="Secret (in each job's namespace) for that storage"
     )
     p.add_argument("--forbid-trust-remote-code", action="store_true", help="refuse jobs with model.trust_remote_code")
+    _hub_offline_arg(p)
     _backend_args(p, operator=True)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"], help="operator log level")
 

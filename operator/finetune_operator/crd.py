@@ -43,7 +43,9 @@ from typing import Any
 
 import yaml
 
-from .spec import GROUP, KIND, PLURAL, SHORT_NAME, VERSION, FineTuneJobSpec
+from finetune_trainer.contract import MODEL_VOLUME_DIR
+
+from .spec import GROUP, KIND, OPERATOR_MOUNTS, PLURAL, SHORT_NAME, VERSION, FineTuneJobSpec
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 CRD_FILE = f"crds/{CRD_NAME}.yaml"
@@ -303,6 +305,38 @@ CEL_RULES: list[tuple[str, str, str]] = [
 ]
 
 
+# render.model_volume_issues: an absolute model path lies under spec.model_volume's mount_path
+# (not defaulted by the API server, so CEL reads an absent one as the contract's default), and
+# that mount shadows none of the operator's own.
+_MOUNT = f"({_has('model_volume.mount_path')} ? self.model_volume.mount_path : {MODEL_VOLUME_DIR!r})"
+_OPERATOR_MOUNTS = "[" + ", ".join(repr(p) for p in OPERATOR_MOUNTS) + "]"
+
+
+def _on_model_volume(key: str) -> tuple[str, str, str]:
+    path = f"self.model.{key}"
+    return (
+        f"!({_has(f'model.{key}')} && {path}.startsWith('/')) || ({_has('model_volume')}"
+        f" && ({path} == {_MOUNT} || {path}.startsWith({_MOUNT} + '/')))",
+        f"model.{key} is a path in the pod, so it must lie under spec.model_volume.mount_path (default "
+        f"{MODEL_VOLUME_DIR}): set spec.model_volume to the PersistentVolumeClaim holding it, or name a Hugging Face "
+        "model id",
+        f".model.{key}",
+    )
+
+
+CEL_RULES += [
+    _on_model_volume("base_model"),
+    _on_model_volume("tokenizer"),
+    (
+        f"!{_has('model_volume')} || !{_OPERATOR_MOUNTS}.exists(root, {_MOUNT} == root"
+        f" || {_MOUNT}.startsWith(root + '/') || root.startsWith({_MOUNT} + '/'))",
+        f"spec.model_volume.mount_path overlaps a path the operator mounts ({', '.join(OPERATOR_MOUNTS)}): "
+        f"choose another, e.g. {MODEL_VOLUME_DIR}",
+        ".model_volume.mount_path",
+    ),
+]
+
+
 def cel_validations() -> list[dict[str, str]]:
     return [{"rule": rule, "message": message, "fieldPath": path, "reason": "FieldValueInvalid"}
             for rule, message, path in CEL_RULES]
@@ -416,6 +450,15 @@ def status_schema() -> dict[str, Any]:
                 "description": "Evaluation results after training.",
                 "type": "object",
                 "x-kubernetes-preserve-unknown-fields": True,
+            },
+            "model": {
+                "description": "The base model the trainer loaded, reported by its rank 0.",
+                "type": "object",
+                "properties": {
+                    "source": {"type": "string", "description": "model.base_model as written."},
+                    "revision": {"type": "string",
+                                 "description": "A Hub model: the commit it resolved to (model.revision pins it)."},
+                },
             },
         },
     }

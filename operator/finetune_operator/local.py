@@ -18,6 +18,11 @@ What differs from a pod, and why:
 - the config is the ConfigMap's, written to <run dir>/<replica>/config.yaml, with the
   output directory in that replica's folder (pods each have their own /workspace);
 - storage is file://<run dir>/storage when neither the spec nor a flag names one;
+- a PersistentVolumeClaim is a local directory named by `--volume CLAIM=DIR`: spec.model_volume's
+  (model.base_model and model.tokenizer under its mount_path are read from DIR, with its
+  sub_path) and spec.model_cache's; the model cache is <run dir>/model-cache, one for every
+  replica, when the job has spec.model_cache (FINETUNE_MODEL_CACHE_SHARED=1, as in the pods),
+  else <run dir>/<replica>/model-cache each, like the pods' own emptyDirs;
 - `finetune ...` (train, or launch for torchrun) becomes `sys.executable -m ...`, so the run
   uses this interpreter whatever PATH says;
 - Secrets do not exist here: a variable the pod reads from a Secret is inherited from this
@@ -47,12 +52,13 @@ from typing import Any, TextIO
 
 import yaml
 
+from finetune_trainer.config import ConfigError, ConfigIssue
 from finetune_trainer.config.loader import parse_yaml
 from finetune_trainer.cpu_threads import set_threads_env
 
 from finetune_trainer import contract as c
 from .render import RenderSettings, render
-from .spec import StorageSpec
+from .spec import ModelCacheSpec, ModelVolumeSpec, StorageSpec
 
 TRAINER_MODULE = "finetune_trainer.cli"
 # Pod-only variables that mean nothing (or the wrong thing) on this machine.
@@ -86,9 +92,10 @@ def free_port() -> int:
 
 
 def local_settings(job: dict[str, Any], run_dir: Path, settings: RenderSettings) -> RenderSettings:
-    """The operator's settings for this machine: no status API, storage under the run dir."""
+    """The operator's settings for this machine: no status API, storage under the run dir, model
+    paths this machine's."""
     storage = settings.default_storage or StorageSpec(uri=f"file://{run_dir.resolve()}/storage")
-    return dataclasses.replace(settings, default_storage=storage, status_api_url=None)
+    return dataclasses.replace(settings, default_storage=storage, status_api_url=None, local_run=True)
 
 
 def plan(
@@ -99,8 +106,10 @@ def plan(
     base_env: Mapping[str, str] | None = None,
     base_dir: Path | None = None,
     master_port: int | None = None,
+    volumes: Mapping[str, Path] | None = None,
 ) -> LocalPlan:
-    """Render the job and turn its workload's pods into local processes (writes the configs)."""
+    """Render the job and turn its workload's pods into local processes (writes the configs).
+    `volumes`: the local directory of each PersistentVolumeClaim the job names (--volume)."""
     base_env = dict(os.environ if base_env is None else base_env)
     local = local_settings(job, run_dir, settings)
     manifests = render(job, local, local.offline_backend((job.get("spec") or {}).get("backend")))
@@ -108,6 +117,7 @@ def plan(
     port = master_port or free_port()
     config = parse_yaml(config_map["data"][c.CONFIG_FILE])
     _absolute_deepspeed_path(config, base_dir or Path.cwd())
+    shared_cache = _local_claims(job["spec"], config, dict(volumes or {}), run_dir)
 
     replicas = []
     for pod in local_pods(workload, port):
@@ -117,6 +127,7 @@ def plan(
         config_path = (folder / c.CONFIG_FILE).resolve()
         config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
         env = {**base_env, **pod_env(pod.env, base_env, config_path, pod.metadata), **pod.injected}
+        env[c.ENV_MODEL_CACHE] = str((shared_cache or folder / "model-cache").resolve())
         replicas.append(LocalReplica(pod.name, pod.index, local_command(pod.command, config_path), env, config_path))
     storage = config["output"]["storage_uri"]
     grace = job["spec"].get("termination_grace_period_seconds") or 300
@@ -126,6 +137,38 @@ def plan(
     for replica in replicas:
         threads = set_threads_env(replica.env, processes, user_env=base_env)
     return LocalPlan(replicas, run_dir, storage, grace, threads)
+
+
+def _local_claims(spec: Mapping[str, Any], config: dict[str, Any], volumes: dict[str, Path],
+                  run_dir: Path) -> Path | None:
+    """The job's PersistentVolumeClaims on this machine: model paths under spec.model_volume's
+    mount read from its --volume directory (in `config`); the shared model cache's directory
+    (None: the job has none, each replica caches in its own folder)."""
+    volume = ModelVolumeSpec.model_validate(spec["model_volume"]) if spec.get("model_volume") else None
+    cache = ModelCacheSpec.model_validate(spec["model_cache"]) if spec.get("model_cache") else None
+    claims = {v.claim_name for v in (volume, cache) if v}
+    issues = [ConfigIssue("--volume", f"{claim}={folder}: the job names no such claim (spec.model_volume, "
+                          f"spec.model_cache: {', '.join(sorted(claims)) or 'none'})")
+              for claim, folder in volumes.items() if claim not in claims]
+    issues += [ConfigIssue("--volume", f"{claim}={folder}: not a directory")
+               for claim, folder in volumes.items() if claim in claims and not Path(folder).is_dir()]
+    for key in ("base_model", "tokenizer") if volume else ():
+        path = config["model"].get(key)
+        if not (isinstance(path, str) and (path == volume.mount_path or path.startswith(volume.mount_path + "/"))):
+            continue
+        if volume.claim_name not in volumes:
+            issues.append(ConfigIssue(f"spec.model.{key}", f"{path} is on the claim {volume.claim_name}, which this "
+                                      f"machine does not have: pass --volume {volume.claim_name}=/local/dir"))
+            continue
+        root = Path(volumes[volume.claim_name]).resolve() / (volume.sub_path or "")
+        config["model"][key] = str(root / path[len(volume.mount_path):].lstrip("/"))
+    if issues:
+        raise ConfigError(issues)
+    if cache is None:
+        return None
+    folder = Path(volumes.get(cache.claim_name) or run_dir / "model-cache")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _absolute_deepspeed_path(config: dict[str, Any], base_dir: Path) -> None:
@@ -319,13 +362,27 @@ def execute(replicas: list[LocalReplica], *, grace_seconds: float = 300, out: Te
     return first_failure[1] if first_failure else codes[replicas[0].name]
 
 
+def parse_volumes(values: list[str]) -> dict[str, Path]:
+    """--volume CLAIM=DIR (repeatable) -> {claim: dir}."""
+    out, issues = {}, []
+    for value in values:
+        claim, sep, folder = value.partition("=")
+        if not (sep and claim and folder):
+            issues.append(ConfigIssue("--volume", f"must be CLAIM=DIR (got {value!r})"))
+        out[claim] = Path(folder).expanduser()
+    if issues:
+        raise ConfigError(issues)
+    return out
+
+
 def run_local(job: dict[str, Any], args: Any) -> int:
     """`finetune run -f finetune.yaml`: plan, then execute; the run dir is kept for inspection."""
     if getattr(args, "nproc_per_node", None):
         job["spec"]["gpus_per_node"] = args.nproc_per_node  # processes per replica (no GPUs needed)
     run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="finetune-run-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    the_plan = plan(job, RenderSettings.from_args(args), run_dir, base_dir=Path(args.config).resolve().parent)
+    the_plan = plan(job, RenderSettings.from_args(args), run_dir, base_dir=Path(args.config).resolve().parent,
+                    volumes=parse_volumes(getattr(args, "volume", None) or []))
     names = ", ".join(r.name for r in the_plan.replicas)
     print(f"[finetune run] {len(the_plan.replicas)} replica(s) ({names}) in {run_dir}; storage {the_plan.storage_uri}",
           flush=True)

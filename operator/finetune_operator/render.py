@@ -33,7 +33,7 @@ from finetune_trainer.config.schema import SECTIONS
 from finetune_trainer import contract as c
 from .backends import BACKENDS, JOBSET, PYTORCHJOB, TRAINJOB, Backend, parse_enabled
 from .manifest import validate_manifest
-from .spec import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec, StorageSpec
+from .spec import API_VERSION, GROUP, KIND, OPERATOR_MOUNTS, PLURAL, FineTuneJobSpec, StorageSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
@@ -59,6 +59,8 @@ class RenderSettings:
     default_backend: str = c.BACKEND_AUTO  # for jobs without spec.backend
     enabled_backends: tuple[str, ...] = c.BACKENDS  # the kinds this operator may create (its RBAC)
     trainjob_runtime: str = c.DEFAULT_TRAINING_RUNTIME  # for TrainJobs whose spec names none
+    hub_offline: bool = False  # HF_HUB_OFFLINE=1 in every pod: models come from volumes, caches or storage
+    local_run: bool = False  # `finetune run`: the pods are processes here, an absolute model path is this machine's
 
     @classmethod
     def from_args(cls, args: Any) -> RenderSettings:
@@ -72,6 +74,7 @@ class RenderSettings:
             default_backend=getattr(args, "default_backend", None) or c.BACKEND_AUTO,
             enabled_backends=parse_enabled(getattr(args, "backends", None)),
             trainjob_runtime=getattr(args, "trainjob_runtime", None) or c.DEFAULT_TRAINING_RUNTIME,
+            hub_offline=bool(getattr(args, "hub_offline", False)),
         )
 
     def offline_backend(self, spec_backend: str | None) -> str:
@@ -97,6 +100,7 @@ def check(job: dict[str, Any], settings: RenderSettings, backend: Backend | None
         raise ConfigError(exc.errors + [i for i in untyped if i.path not in known], exc.warnings) from None
     spec: FineTuneJobSpec = loaded.config  # type: ignore[assignment]
     issues = [*untyped, *policy_issues(spec, settings), *resource_issues(spec), *storage_issues(spec, settings), *tracking_issues(spec),
+              *model_volume_issues(spec, settings),
               *(backend_issues(spec, backend) if backend else [])]
     if issues:
         raise ConfigError(issues, loaded.warnings)
@@ -117,13 +121,22 @@ def name_issues(name: Any) -> list[ConfigIssue]:
 
 
 def policy_issues(spec: FineTuneJobSpec, settings: RenderSettings) -> list[ConfigIssue]:
+    issues = []
     if settings.forbid_trust_remote_code and spec.model.trust_remote_code:
-        return [ConfigIssue(
+        issues.append(ConfigIssue(
             "spec.model.trust_remote_code",
             "this cluster forbids running code from model repositories; set it to false "
             "(the seed's default is true, so it must be written out)",
-        )]
-    return []
+        ))
+    if settings.hub_offline:  # the operator's HF_HUB_OFFLINE=1: a job can neither undo it nor push
+        issues += [ConfigIssue(f"spec.env[{i}].name", f"{c.ENV_HF_HUB_OFFLINE} is set by this operator (hub.offline: "
+                               "every job runs without the Hugging Face Hub); remove it here")
+                   for i, var in enumerate(spec.env) if var.name == c.ENV_HF_HUB_OFFLINE]
+        if spec.output.push_to_hub:
+            issues.append(ConfigIssue("spec.output.push_to_hub", "this operator runs jobs offline (hub.offline): "
+                                      "nothing may call the Hugging Face Hub; set it to false (the result is in "
+                                      "storage, status.outputs)"))
+    return issues
 
 
 def env_issues(env: Any) -> list[ConfigIssue]:
@@ -152,7 +165,8 @@ def resource_issues(spec: FineTuneJobSpec) -> list[ConfigIssue]:
 
 def backend_issues(spec: FineTuneJobSpec, backend: Backend) -> list[ConfigIssue]:
     """What a backend's API cannot carry. A TrainJob's runtimePatches may set only some pod
-    fields (serviceAccountName, volumes, securityContext, scheduling, the grace period)."""
+    fields (serviceAccountName, volumes, securityContext, scheduling, the grace period) and the
+    trainer container's volumeMounts: spec.model_volume and model_cache fit, a PriorityClass not."""
     issues = []
     if backend is TRAINJOB and spec.priority_class_name:
         issues.append(ConfigIssue("spec.priority_class_name", "the trainjob backend cannot set a PriorityClass "
@@ -162,6 +176,30 @@ def backend_issues(spec: FineTuneJobSpec, backend: Backend) -> list[ConfigIssue]
         issues.append(ConfigIssue("spec.training_runtime", f"names a ClusterTrainingRuntime, which only the trainjob "
                                   f"backend uses; this job runs on {backend.name}: set spec.backend to trainjob "
                                   f"(on a cluster that serves TrainJob) or remove spec.training_runtime"))
+    return issues
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + "/")
+
+
+def model_volume_issues(spec: FineTuneJobSpec, settings: RenderSettings) -> list[ConfigIssue]:
+    """An absolute model path is read in the pod, whose root filesystem holds no models: it
+    must lie on spec.model_volume, mounted where it does not shadow the operator's mounts.
+    (`finetune run` reads such paths on this machine, or maps the volume's to --volume's.)"""
+    volume, issues = spec.model_volume, []
+    mount = volume.mount_path if volume else None
+    pod_paths = () if settings.local_run else ("base_model", "tokenizer")
+    for key in pod_paths:
+        path = getattr(spec.model, key)
+        if path and path.startswith("/") and not (mount and _under(path, mount)):
+            where = f"spec.model_volume.mount_path ({mount})" if mount else "the mount of spec.model_volume"
+            issues.append(ConfigIssue(f"spec.model.{key}", f"{path} is a path in the pod, so it must lie under {where}: "
+                                      "set spec.model_volume (claim_name, mount_path) to the PersistentVolumeClaim "
+                                      "holding it, or name a Hugging Face model id"))
+    if mount and any(_under(mount, root) or _under(root, mount) for root in OPERATOR_MOUNTS):
+        issues.append(ConfigIssue("spec.model_volume.mount_path", f"{mount} overlaps a path the operator mounts "
+                                  f"({', '.join(OPERATOR_MOUNTS)}): choose another, e.g. {c.MODEL_VOLUME_DIR}"))
     return issues
 
 
@@ -353,6 +391,7 @@ def pod_template(ctx: _Context) -> dict[str, Any]:
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
             {"name": "workspace", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {}},
+            *model_volumes(spec),
         ],
     }
     optional = {
@@ -383,6 +422,7 @@ def container(ctx: _Context) -> dict[str, Any]:
             {"name": "dshm", "mountPath": c.SHM_DIR},
             {"name": "workspace", "mountPath": c.WORK_DIR},
             {"name": "tmp", "mountPath": c.TMP_DIR},
+            *model_mounts(ctx.spec),
         ],
         # The outer wall around the trainer and the code its benchmarks run (sandbox.py):
         # nothing outside the emptyDirs is writable, no privilege can be gained.
@@ -394,6 +434,39 @@ def container(ctx: _Context) -> dict[str, Any]:
             "runAsNonRoot": True,
         },
     }
+
+
+MODEL_VOLUME, MODEL_CACHE = "models", "model-cache"  # the pod's volume names for spec.model_volume, model_cache
+
+
+def model_volumes(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """spec.model_volume (read-only unless it says otherwise) and spec.model_cache, as PVC volumes."""
+    out = []
+    if spec.model_volume:
+        out.append({"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": spec.model_volume.claim_name,
+                                                                    "readOnly": spec.model_volume.read_only}})
+    if spec.model_cache:
+        out.append({"name": MODEL_CACHE, "persistentVolumeClaim": {"claimName": spec.model_cache.claim_name}})
+    return out
+
+
+def model_mounts(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if volume := spec.model_volume:
+        out.append({"name": MODEL_VOLUME, "mountPath": volume.mount_path, "readOnly": volume.read_only,
+                    **({"subPath": volume.sub_path} if volume.sub_path else {})})
+    if spec.model_cache:
+        out.append({"name": MODEL_CACHE, "mountPath": c.MODEL_CACHE_MOUNT})
+    return out
+
+
+def model_cache_env(spec: FineTuneJobSpec, settings: RenderSettings) -> list[dict[str, Any]]:
+    """Where the trainer caches base models, whether every pod sees that cache, and (the
+    operator's hub.offline) that nothing calls the Hub: all explicit, the trainer has no defaults."""
+    shared = spec.model_cache is not None
+    out = [_value(c.ENV_MODEL_CACHE, c.MODEL_CACHE_MOUNT if shared else c.MODEL_CACHE_DIR),
+           _value(c.ENV_MODEL_CACHE_SHARED, int(shared))]
+    return out + ([_value(c.ENV_HF_HUB_OFFLINE, 1)] if settings.hub_offline else [])
 
 
 def resources(spec: FineTuneJobSpec) -> dict[str, Any]:
@@ -434,6 +507,7 @@ def env(ctx: _Context) -> list[dict[str, Any]]:
         *([_value(c.ENV_JOB_UID, ctx.uid)] if ctx.uid else []),
         _value(c.ENV_CONFIG, c.CONFIG_PATH),
         _value(c.ENV_HF_HOME, c.HF_HOME),
+        *model_cache_env(spec, settings),
     ]
     if settings.status_api_url:
         out += [

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from finetune_trainer.config.schema import FineTuneConfig, NonEmptyStr, Section
 
 from finetune_trainer.contract import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAME, VERSION  # noqa: F401 (re-exported)
+from finetune_trainer import contract as c
 
 BackendName = Literal["auto", "pytorchjob", "trainjob", "jobset"]  # contract.BACKEND_AUTO + contract.BACKENDS
 
@@ -93,6 +94,50 @@ class TrackingSpec(Section):
     wandb: WandbTracking | None = Field(default=None, description="Weights & Biases.")
 
 
+MOUNT_PATH = r"^(/[-._a-zA-Z0-9]+)+$"  # absolute, no trailing "/", no empty segment
+# Where the pods already have a mount (the operator's volumes, the kubelet's ServiceAccount
+# token): spec.model_volume may not shadow them (render.model_volume_issues, crd.CEL_RULES).
+OPERATOR_MOUNTS = (c.CONFIG_DIR, c.SHM_DIR, c.WORK_DIR, c.TMP_DIR, c.MODEL_CACHE_MOUNT, c.SECRETS_MOUNT_ROOT)
+RELATIVE_PATH = r"^[^/].*$"
+
+
+def _no_dot_segments(value: str | None) -> str | None:
+    if value is not None and {".", ".."} & set(value.split("/")):
+        raise ValueError(f"may not hold a '.' or '..' segment (got {value!r})")
+    return value
+
+
+class ModelVolumeSpec(Section):
+    """A PersistentVolumeClaim holding base models, mounted in every trainer pod: model.base_model
+    (and model.tokenizer) may then be a path under mount_path, e.g. /models/llama-3.1-8b."""
+
+    claim_name: NonEmptyStr = Field(
+        pattern=DNS_SUBDOMAIN,
+        description="PersistentVolumeClaim in the job's namespace (ReadOnlyMany or ReadWriteMany when the job "
+        "has more than one node).",
+    )
+    mount_path: NonEmptyStr = Field(
+        default=c.MODEL_VOLUME_DIR, pattern=MOUNT_PATH, max_length=255,
+        description="Where the pods see the claim; an absolute model.base_model must lie under it.",
+    )
+    read_only: bool = Field(default=True, description="Mount it read-only: the trainer only reads base models.")
+    sub_path: NonEmptyStr | None = Field(
+        default=None, pattern=RELATIVE_PATH, description="A folder of the claim to mount instead of its root."
+    )
+
+    _paths = field_validator("mount_path", "sub_path")(_no_dot_segments)
+
+
+class ModelCacheSpec(Section):
+    """A ReadWriteMany PersistentVolumeClaim every pod of the job mounts (at /model-cache): global
+    rank 0 fetches the base model into it once for the whole job while every pod waits. Without
+    it each pod fetches into its own emptyDir."""
+
+    claim_name: NonEmptyStr = Field(
+        pattern=DNS_SUBDOMAIN, description=f"ReadWriteMany PersistentVolumeClaim, mounted at {c.MODEL_CACHE_MOUNT}."
+    )
+
+
 class EnvVar(Section):
     """An extra environment variable for the trainer pods (plain value)."""
 
@@ -118,6 +163,13 @@ class FineTuneJobSpec(FineTuneConfig):
     storage: StorageSpec | None = Field(default=None, description="Checkpoint and result storage.")
     hf_token_secret: SecretKeyRef | None = Field(
         default=None, description="Secret key holding a Hugging Face token (HF_TOKEN), for gated models and push_to_hub."
+    )
+    model_volume: ModelVolumeSpec | None = Field(
+        default=None, description="A PersistentVolumeClaim of base models mounted in every pod (read-only by default)."
+    )
+    model_cache: ModelCacheSpec | None = Field(
+        default=None, description="A ReadWriteMany PersistentVolumeClaim all pods share as the base-model cache: "
+        "fetched once per job. Default: a pod-local cache, fetched once per pod.",
     )
     tracking: TrackingSpec | None = Field(
         default=None, description="Experiment trackers' endpoints and Secrets (output.report_to names the trackers)."

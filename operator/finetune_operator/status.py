@@ -89,7 +89,8 @@ PHASE_FAILED = "Failed"
 # The training operator's container name and replica label (kubeflow/training-operator v1):
 # PYTORCH_CONTAINER and REPLICA_TYPE_LABEL, from the contract (imported above).
 
-_SIGNALS = {130: "SIGINT", 134: "SIGABRT", 137: "SIGKILL", 139: "SIGSEGV", 143: "SIGTERM"}
+_SIGNALS = {130: "SIGINT", 134: "SIGABRT", 137: "SIGKILL", 139: "SIGSEGV", 143: "SIGTERM",
+            c.EXIT_UNAVAILABLE: "storage or model source unavailable"}
 
 
 # ------------------------------------------------------------------ inputs

@@ -66,6 +66,21 @@ ENV_LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
 # short for a checkpoint upload); render sets it from the termination grace period.
 ENV_TORCHRUN_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 
+# Base models fetched once per job (model/fetch.py): into FINETUNE_MODEL_CACHE (a pod-local emptyDir
+# under WORK_DIR, or the mount of spec.model_cache, a ReadWriteMany claim every pod shares). With a
+# shared cache (FINETUNE_MODEL_CACHE_SHARED=1) global rank 0 fetches and every rank waits for it;
+# otherwise each node's local rank 0 fetches into its own pod's cache and its local ranks wait.
+# A fetched model is complete only once its manifest (files, sizes, sha256) is written, as for
+# checkpoints. A Hub model is mirrored once to <storage>/<ns>/<job>/MODEL_KEY/ for the other nodes.
+ENV_MODEL_CACHE = "FINETUNE_MODEL_CACHE"
+ENV_MODEL_CACHE_SHARED = "FINETUNE_MODEL_CACHE_SHARED"  # "1": every pod of the job sees the same cache
+MODEL_CACHE_DIR = f"{WORK_DIR}/model-cache"  # the pods' default (pod-local)
+MODEL_VOLUME_DIR = "/models"  # where spec.model_volume's claim is mounted unless it says otherwise
+MODEL_CACHE_MOUNT = "/model-cache"  # where spec.model_cache's shared claim is mounted
+MODEL_KEY = "model"  # <storage>/<ns>/<job>/model/: the job's mirror of a Hub model
+MODEL_MANIFEST_FILE = "model-manifest.json"  # in a fetched model's cache directory, written last
+ENV_HF_HUB_OFFLINE = "HF_HUB_OFFLINE"  # "1" (chart value hub.offline): nothing calls the Hub
+
 # Experiment trackers (spec.tracking -> the pods' env; the libraries' own variable names, so a
 # local `finetune train` is configured the way users of transformers already do it).
 ENV_MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"
@@ -190,6 +205,8 @@ RESERVED_ENV: dict[str, str] = {
     ENV_AWS_ENDPOINT_URL: "set from spec.storage.endpoint_url",
     ENV_AWS_REGION: "set from spec.storage.region",
     ENV_S3_ADDRESSING: "set from spec.storage.path_style",
+    ENV_MODEL_CACHE: "set by the operator (spec.model_cache names a shared cache)",
+    ENV_MODEL_CACHE_SHARED: "set by the operator (spec.model_cache names a shared cache)",
     ENV_MLFLOW_TRACKING_URI: "set from spec.tracking.mlflow.tracking_uri",
     ENV_MLFLOW_EXPERIMENT_NAME: "set from spec.tracking.mlflow.experiment",
     ENV_MLFLOW_TRACKING_TOKEN: "comes from a Secret: set spec.tracking.mlflow.token_secret (name, key)",
@@ -276,6 +293,9 @@ def final_outputs(job_uri: str, *, adapter: bool, merged: bool, evaluation: bool
 EXIT_OK = 0
 EXIT_PERMANENT = 1  # bad config, missing data, NaN loss: a retry cannot fix it
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved a checkpoint on SIGTERM; resume on retry
+# Storage or the model's source did not answer within the retry budget, or a peer fetching the
+# model never finished: an outage, not the user's mistake, so retried (no signal uses 170).
+EXIT_UNAVAILABLE = 170
 RETRYABLE_EXIT_CODES = range(128, 256)
 PERMANENT_EXIT_CODES = range(EXIT_PERMANENT, RETRYABLE_EXIT_CODES.start)  # 1-127
 

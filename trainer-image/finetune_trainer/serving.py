@@ -112,6 +112,9 @@ def base_for_server(base_model: str) -> tuple[str, str]:
                          "those weights, so base + adapter on the Hub's weights is close but not exact. The merged "
                          "model is exact.")
         return base_model, f"The base `{base_model}` is not on the Hub: serve the merged model (output.merge_adapter)."
+    if base_model.startswith("s3://"):
+        return base_model, (f"The base `{base_model}` is in object storage: the server needs a copy of that folder "
+                            "(KServe's --model_id wants a Hub ID), or serve the merged model (output.merge_adapter).")
     path = Path(base_model).expanduser()
     if base_model.startswith(("/", "./", "../", "~")) or path.suffix == ".gguf":
         return base_model, (f"The base `{base_model}` is a local path: the server needs the same files at that path "
@@ -301,14 +304,13 @@ def merge_adapter(cfg: FineTuneConfig, output_dir: Path, tokenizer: PreTrainedTo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .model.loading import resolve_model_source
+    from .model.loading import pretrained_kwargs, resolve_model_source
 
     start = time.perf_counter()
     dtype, why = serving_dtype(cfg)
     source, gguf_file = resolve_model_source(cfg.model.base_model)
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "trust_remote_code": cfg.model.trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype),
+                              **pretrained_kwargs(cfg, cfg.model.base_model, gguf_file, revision=cfg.model.revision)}
     base = AutoModelForCausalLM.from_pretrained(source, **kwargs)  # no quantization_config, no device_map: CPU
     quantizer = getattr(base, "hf_quantizer", None)
     if quantizer is not None:  # a GGUF file's tag (its weights are dequantized): save_pretrained refuses it
@@ -345,13 +347,15 @@ def untie_adapted_head(model: Any) -> bool:
 
 
 def write_serving_outputs(cfg: FineTuneConfig, output_dir: Path, tokenizer: PreTrainedTokenizerBase, *,
-                          total_params: int, environ: dict[str, str] | None = None) -> dict[str, Any]:
+                          total_params: int, environ: dict[str, str] | None = None,
+                          loading: FineTuneConfig | None = None) -> dict[str, Any]:
     """merged/ (when asked) and the serving files in output_dir; returns what train_results.json
-    records under "serving". Main process only."""
+    records under "serving". Main process only. `loading`: the config the base model loads from
+    (its fetched copy, model/fetch.py), where `cfg` names it as written; default `cfg`."""
     env = os.environ if environ is None else environ
     merge = None
     if cfg.output.merge_adapter and has_adapter(cfg):
-        merge = merge_adapter(cfg, output_dir, tokenizer)
+        merge = merge_adapter(loading or cfg, output_dir, tokenizer)
     job_name = env.get(c.ENV_JOB_NAME) or None
     plan = serving_plan(cfg, output_dir=output_dir, total_params=total_params, merged=merge is not None,
                         job_name=job_name, namespace=env.get(c.ENV_JOB_NAMESPACE) or None)

@@ -3,6 +3,7 @@
     reporter = StatusReporter.from_env()      # None outside a cluster (no FINETUNE_STATUS_URL)
     reporter(progress)                        # on every log step: never blocks, never raises
     reporter.set_checkpoint("s3://.../checkpoint-40")
+    reporter.set_model({"source": ..., "revision": ...})   # status.model: what the run trains
     reporter.close()                          # sends the last figures, waits briefly
 
 A merge patch of `status.progress` (Kubeflow Trainer's trainerStatus names plus ours) goes to
@@ -135,6 +136,7 @@ class StatusReporter:
         self._checkpoint_seen: tuple[str | None, str | None] = (None, None)  # (uri, first seen at)
         self._losses: collections.deque[float] = collections.deque(maxlen=LOSS_HISTORY)
         self._evaluation: dict[str, Any] | None = None
+        self._model: dict[str, Any] | None = None
         self._last_sent = -math.inf
         self._closing = False
         self._cond = threading.Condition()
@@ -181,8 +183,16 @@ class StatusReporter:
 
     def set_evaluation(self, summary: dict[str, Any]) -> None:
         """`status.evaluation` (benchmarks before -> after); goes out with the next patch."""
+        self._set("_evaluation", summary)
+
+    def set_model(self, model: dict[str, Any]) -> None:
+        """`status.model`: the base model as written and the Hub commit it resolved to
+        (model/fetch.py); goes out with the next patch."""
+        self._set("_model", model)
+
+    def _set(self, name: str, value: dict[str, Any]) -> None:
         with self._cond:
-            self._evaluation = dict(summary)
+            setattr(self, name, dict(value))
             if self._pending is None:
                 self._pending = {}
             self._cond.notify()
@@ -212,6 +222,7 @@ class StatusReporter:
                 losses = list(self._losses)
                 checkpoint = self._checkpoint
                 evaluation = self._evaluation
+                model = self._model
                 closing = self._closing
                 self._last_sent = self.clock()
             stamp = _utc_now()
@@ -219,17 +230,21 @@ class StatusReporter:
             if newest and newest != self._checkpoint_seen[0]:
                 self._checkpoint_seen = (newest, stamp)
             self._send(progress_status(update, now=stamp, checkpoint_uri=checkpoint,
-                                       checkpoint_time=self._checkpoint_seen[1], loss_history=losses), evaluation)
+                                       checkpoint_time=self._checkpoint_seen[1], loss_history=losses), evaluation,
+                       model)
             if closing:
                 with self._cond:
                     if self._pending is None:
                         return
 
-    def _send(self, progress: dict[str, Any], evaluation: dict[str, Any] | None = None) -> None:
+    def _send(self, progress: dict[str, Any], evaluation: dict[str, Any] | None = None,
+              model: dict[str, Any] | None = None) -> None:
         try:
             status: dict[str, Any] = {"progress": progress}
             if evaluation is not None:
                 status["evaluation"] = evaluation
+            if model is not None:
+                status["model"] = model
             body = json.dumps({"status": status}).encode()
             request = urllib.request.Request(self.url, data=body, method="PATCH")
             request.add_header("Content-Type", "application/merge-patch+json")

@@ -1,6 +1,6 @@
 """`finetune train`: the stages of a fine-tuning run, top to bottom.
 
-    config -> seed -> tokenizer -> data -> model + method -> Trainer -> train (resume)
+    config -> seed -> fetch the model -> tokenizer -> data -> model + method -> Trainer -> train (resume)
            -> eval after -> save (weights, tokenizer, config, metrics, loss curve)
            -> serving (merged weights, serving.md, vLLM and KServe manifests) -> publish -> push -> sample
 
@@ -26,8 +26,9 @@ from typing import Any
 
 from .config import ConfigError, ConfigIssue, FineTuneConfig, dump_config
 from .config.rules import resolve_deepspeed_path
-from .contract import CONFIG_FILE, EXIT_OK, EXIT_PERMANENT, METRICS_FILE, RESULTS_FILE, world
+from .contract import CONFIG_FILE, EXIT_OK, EXIT_PERMANENT, EXIT_UNAVAILABLE, METRICS_FILE, RESULTS_FILE, world
 from .data import IGNORE_INDEX, DataError, data_collator, prepare_data
+from .storage.stores import StorageUnavailable
 from .training.arguments import training_arguments
 from .training.callbacks import (
     DataFields,
@@ -81,17 +82,27 @@ def train(
     from transformers import TrainingArguments, set_seed
 
     from .methods import prepare_model
+    from .model.fetch import fetch_model, loading_config, recorded_config
     from .model.loading import load_tokenizer
 
     set_seed(cfg.training.seed)
     if main and (issues := missing_packages(cfg.output.report_to)):
         raise ConfigError(issues)  # before minutes of loading: the image lacks a tracker's library
+
+    # An s3:// or Hub model onto this disk, once per node (or per job, with a shared cache),
+    # before anything reads it; torch.distributed is not up yet, so the ranks meet on files.
+    # `cfg` keeps the source as written, with model.revision the Hub commit it resolved to (for
+    # config.yaml, checkpoints, trackers and status); the loaders read `loading`, the local copy.
+    fetched = fetch_model(cfg)
+    cfg = recorded_config(cfg, fetched)
+    loading = loading_config(cfg, fetched)
     if main:
+        tell(reporters, "set_model", fetched.status())
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(dump_config(cfg))
 
-    # Data before the model: a bad row fails in seconds, not after minutes of loading weights.
-    tokenizer = load_tokenizer(cfg)
+    # Data before the weights: a bad row fails in seconds, not after minutes of loading them.
+    tokenizer = load_tokenizer(loading)
     data = prepare_data(cfg, tokenizer)
     if main:
         for name, stats in data.stats.items():
@@ -99,7 +110,7 @@ def train(
 
     # prepare_model loads the base model and applies full/lora/qlora/spectrum; the main
     # process alone writes the Spectrum selection.
-    method = prepare_model(cfg, output_dir=out if main else None)
+    method = prepare_model(loading, output_dir=out if main else None)
     forget_gguf_origin(method.model)
     if cfg.training.sample_packing:
         from .data.packing import isolation_problem
@@ -142,11 +153,12 @@ def train(
                              metrics_file=out / METRICS_FILE)
     with tracking.ended_on_failure():
         return _train_and_save(cfg, out, method=method, args=args, tokenizer=tokenizer, data=data, storage=storage,
-                               resume=resume, tracking=tracking, callbacks=callbacks, reporters=reporters)
+                               resume=resume, tracking=tracking, callbacks=callbacks, reporters=reporters,
+                               loading=loading)
 
 
 def _train_and_save(cfg: FineTuneConfig, out: Path, *, method, args, tokenizer, data, storage, resume, tracking,
-                    callbacks, reporters) -> RunResult:
+                    callbacks, reporters, loading: FineTuneConfig) -> RunResult:
     """The Trainer, then the results; `train` ends the tracker runs if this raises."""
     from .training.trainer import FineTuneTrainer
 
@@ -204,7 +216,8 @@ def _train_and_save(cfg: FineTuneConfig, out: Path, *, method, args, tokenizer, 
         from .serving import write_serving_outputs
 
         # merged/ (output.merge_adapter), serving.md, vllm-serve.sh, inferenceservice.yaml: into final/
-        results["serving"] = write_serving_outputs(cfg, out, tokenizer, total_params=method.total_params)
+        results["serving"] = write_serving_outputs(cfg, out, tokenizer, total_params=method.total_params,
+                                                   loading=loading)
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
         from .training.plots import plot_loss
 
@@ -243,10 +256,14 @@ def evaluate_after(model, tokenizer, cfg: FineTuneConfig, out: Path, before, rep
     report = finish_evaluation(out, after, before)
     tracking.log_evaluation(metric_rows(report))
     uri = f"{cfg.output.storage_uri.rstrip('/')}/final/evaluation.json" if cfg.output.storage_uri else None
-    summary = evaluation_status(report, results_uri=uri)
+    tell(reporters, "set_evaluation", evaluation_status(report, results_uri=uri))
+
+
+def tell(reporters: Sequence[ProgressReporter], method: str, value: dict[str, Any]) -> None:
+    """Reporters with a `method` (StatusReporter's set_model, set_evaluation) get `value`."""
     for reporter in reporters:
-        if callable(send := getattr(reporter, "set_evaluation", None)):
-            send(summary)
+        if callable(send := getattr(reporter, method, None)):
+            send(value)
 
 
 def with_fields(reporters: Sequence[ProgressReporter], stages: Sequence[Any]) -> list[ProgressReporter]:
@@ -290,6 +307,9 @@ def run_command(cfg: FineTuneConfig, *, base_dir: Path, **kwargs: Any) -> int:
     except (DataError, NonFiniteLossError) as exc:
         print(f"{_error_prefix()}: {exc}", file=sys.stderr)
         return EXIT_PERMANENT
+    except (StorageUnavailable, TimeoutError) as exc:  # an outage, or a peer that never finished the fetch
+        print(f"{_error_prefix()}: {exc}; exiting {EXIT_UNAVAILABLE} so the job retries", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except Exception as exc:  # noqa: BLE001 - one permanent class of our own, else re-raise
         from .methods.spectrum import SpectrumScanError
 

@@ -36,6 +36,35 @@ def warning(path: str, message: str) -> ConfigIssue:
     return ConfigIssue(path, message, "warning")
 
 
+SourceKind = Literal["builtin", "s3", "local", "hub"]
+BUILTIN_PREFIX = "builtin:"  # model/builtin.py's built-in models
+S3_PREFIX = "s3://"
+
+
+def model_source_kind(name: str) -> SourceKind:
+    """How a model.base_model (or model.tokenizer) value is read: a built-in model, an s3://
+    folder (fetched), a local path (a directory, a mounted volume's too, or a .gguf file: what
+    looks like a path, or an existing directory), or else a Hugging Face Hub ID."""
+    if name.startswith(BUILTIN_PREFIX):
+        return "builtin"
+    if name.startswith(S3_PREFIX):
+        return "s3"
+    if name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or Path(name).expanduser().is_dir():
+        return "local"
+    return "hub"
+
+
+def revision_needs_a_hub_model(cfg: FineTuneConfig, ctx: RuleContext) -> Iterator[ConfigIssue]:
+    kind = model_source_kind(cfg.model.base_model)
+    if cfg.model.revision is not None and kind != "hub":
+        what = {"builtin": "a built-in model", "s3": "an s3:// folder", "local": "a local path"}[kind]
+        yield error(
+            "model.revision",
+            f"pins a Hugging Face Hub commit, but model.base_model {cfg.model.base_model!r} is {what}, which has "
+            "no revisions; remove model.revision (or give a Hub ID as base_model)",
+        )
+
+
 def qlora_needs_4bit(cfg: FineTuneConfig, ctx: RuleContext) -> Iterator[ConfigIssue]:
     if cfg.fine_tuning.method != "qlora":
         return
@@ -282,12 +311,13 @@ def benchmarks_have_inputs(cfg: FineTuneConfig, ctx: RuleContext) -> Iterator[Co
 
 def _looks_local(value: str, is_dir: bool) -> bool:
     """A local path (a folder always is; a data location may also be s3:// or a dataset ID)."""
-    if value.startswith("s3://"):
+    if value.startswith(S3_PREFIX):
         return False
     return is_dir or value.endswith((".json", ".jsonl")) or value.startswith(("/", "./", "../", "~"))
 
 
 RULES: list[Rule] = [
+    revision_needs_a_hub_model,
     qlora_needs_4bit,
     one_quantization,
     bits_agree_with_load_flags,

@@ -70,11 +70,19 @@ class ModelConfig(Section):
     """The base model and how it is loaded."""
 
     base_model: NonEmptyStr = Field(
-        description="Hugging Face model ID, local directory, or .gguf file of the model to fine-tune.",
+        description="The model to fine-tune: a Hugging Face Hub ID, an s3://bucket/prefix/ folder (as save_pretrained "
+        "writes it: safetensors, config, tokenizer), a local directory (a mounted volume's path too), or a .gguf "
+        "file. Hub and s3:// models are fetched once per job into the model cache.",
+    )
+    revision: NonEmptyStr | None = Field(
+        default=None,
+        description="Hub models only: the commit, tag or branch to train from. Default: the default branch; the "
+        "commit it resolved to is recorded (the run's config.yaml, status.model, the experiment trackers).",
     )
     tokenizer: NonEmptyStr | None = Field(
         default=None,
-        description="Tokenizer to use (usually the same as the model). Default: same as base_model.",
+        description="Tokenizer to use, in the same forms as base_model. Default: the model's own (from the same "
+        "fetched files and revision).",
     )
     load_in_8bit: bool = Field(default=False, description="Load the base model in 8-bit (bitsandbytes LLM.int8).")
     load_in_4bit: bool = Field(

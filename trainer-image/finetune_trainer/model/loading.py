@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_trainer.config.issues import ConfigError, ConfigIssue
+from finetune_trainer.config.rules import model_source_kind
 from finetune_trainer.contract import world
 
 from . import builtin
@@ -49,16 +50,18 @@ def config_error(path: str, message: str) -> ConfigError:
 # ----------------------------------------------------------------------- pure mappers
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf")
-
-
 def resolve_model_source(base_model: str, *, field: str = "model.base_model") -> tuple[str, str | None]:
     """Where `from_pretrained` finds a model: `(path_or_hub_id, gguf_file_or_None)`.
 
     `builtin:NAME` -> the cached safetensors checkpoint of a built-in model; a `.gguf` file ->
     (its folder, its file name), which transformers dequantizes on load; an existing local
-    directory; otherwise a Hugging Face Hub ID. A missing path is an error, not a hub lookup."""
+    directory; otherwise a Hugging Face Hub ID. A missing path is an error, not a hub lookup.
+    An s3:// folder is an error here: `finetune train` fetches it first (model/fetch.py) and
+    loads the fetched copy."""
+    kind = model_source_kind(base_model)
+    if kind == "s3":
+        raise config_error(field, f"{base_model!r} is in object storage: `finetune train` fetches it before loading "
+                           "(this command does not); give a local copy's path here")
     if builtin.is_builtin(base_model):
         try:
             return builtin.resolve(base_model), None
@@ -71,7 +74,7 @@ def resolve_model_source(base_model: str, *, field: str = "model.base_model") ->
         return str(path.parent), path.name
     if path.is_dir():
         return str(path), None
-    if _looks_like_path(base_model):
+    if kind == "local":
         raise config_error(
             field, f"{base_model!r} is not a directory; give a local model directory, a .gguf file or a Hub ID"
         )
@@ -137,6 +140,17 @@ def default_device_map(cfg: FineTuneConfig, *, cuda: bool) -> dict[str, Any] | N
     return None
 
 
+def pretrained_kwargs(cfg: FineTuneConfig, name: str, gguf_file: str | None, *, revision: str | None) -> dict[str, Any]:
+    """What every `from_pretrained` of `name` gets: remote code, the GGUF file, and for a Hub ID
+    the pinned revision (a fetched model is read from its local copy, which has none)."""
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if revision and model_source_kind(name) == "hub":
+        kwargs["revision"] = revision
+    return kwargs
+
+
 # ----------------------------------------------------------------------- edges
 
 
@@ -160,10 +174,15 @@ def load_tokenizer(cfg: FineTuneConfig) -> PreTrainedTokenizerBase:
             raise config_error(field, str(exc)) from None
     else:
         source, gguf_file = resolve_model_source(name, field=field)
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    kwargs = pretrained_kwargs(cfg, name, gguf_file, revision=None if cfg.model.tokenizer else cfg.model.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError:
+        from .fetch import hub_offline, offline_message
+
+        if model_source_kind(name) != "hub" or not hub_offline(os.environ):
+            raise
+        raise config_error(field, offline_message(name, searched="the Hugging Face cache (HF_HOME)")) from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise config_error(field, f"the tokenizer of {name!r} has neither a pad nor an EOS token; use another tokenizer")
@@ -281,10 +300,8 @@ def load_model(
     kwargs: dict[str, Any] = {
         "dtype": getattr(torch, dtype_name),
         "attn_implementation": attn,
-        "trust_remote_code": cfg.model.trust_remote_code,
+        **pretrained_kwargs(cfg, cfg.model.base_model, gguf_file, revision=cfg.model.revision),
     }
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     if device_map is not None:
@@ -306,9 +323,7 @@ def model_skeleton(cfg: FineTuneConfig) -> PreTrainedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source, gguf_file = resolve_model_source(cfg.model.base_model)
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    config = AutoConfig.from_pretrained(source, **kwargs)
+    config = AutoConfig.from_pretrained(source, **pretrained_kwargs(cfg, cfg.model.base_model, gguf_file,
+                                                                    revision=cfg.model.revision))
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)

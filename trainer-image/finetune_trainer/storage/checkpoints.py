@@ -53,8 +53,30 @@ class FileEntry:
     sha256: str
 
 
+class JsonManifest:
+    """JSON in and out for the manifest dataclasses (a checkpoint's here, a fetched model's in
+    model/fetch.py): `files` are FileEntry, `format_version` must be this trainer's."""
+
+    files: tuple[FileEntry, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, data: bytes | str):
+        raw = json.loads(data)
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"manifest format_version {raw.get('format_version')!r}; this trainer reads {FORMAT_VERSION}")
+        files = tuple(FileEntry(**f) for f in raw.pop("files"))
+        return cls(files=files, **raw)
+
+
 @dataclass(frozen=True)
-class Manifest:
+class Manifest(JsonManifest):
     step: int
     epoch: float | None
     files: tuple[FileEntry, ...]
@@ -71,21 +93,6 @@ class Manifest:
     def name(self) -> str:
         return f"checkpoint-{self.step}"
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> Manifest:
-        raw = json.loads(data)
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"manifest format_version {raw.get('format_version')!r}; this trainer reads {FORMAT_VERSION}")
-        files = tuple(FileEntry(**f) for f in raw.pop("files"))
-        return cls(files=files, **raw)
-
 
 def checkpoint_prefix(step: int) -> str:
     return f"{CHECKPOINTS}/checkpoint-{step}"
@@ -99,22 +106,32 @@ def sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
     return digest.hexdigest()
 
 
-def local_files(local_dir: Path) -> list[str]:
+def local_files(local_dir: Path, *, manifest: str = MANIFEST) -> list[str]:
     """Every file of a checkpoint folder, relative and sorted, minus our own bookkeeping."""
     found = []
     for dirpath, _, names in os.walk(local_dir):
         for name in names:
             rel = Path(dirpath, name).relative_to(local_dir).as_posix()
-            if rel != MANIFEST and not rel.startswith(PARTS + "/"):
+            if rel != manifest and not rel.startswith(PARTS + "/"):
                 found.append(rel)
     return sorted(found)
 
 
-def _write_local_manifest(local_dir: Path, manifest: Manifest) -> None:
+def hash_files(local_dir: Path, rel_paths: list[str]) -> list[FileEntry]:
+    """FileEntry (size, sha256) of each file, two hashed at a time (hashing releases the GIL)."""
+    def entry(rel: str) -> FileEntry:
+        return FileEntry(rel, (local_dir / rel).stat().st_size, sha256_file(local_dir / rel))
+
+    with ThreadPoolExecutor(2, thread_name_prefix="hash") as pool:
+        return list(pool.map(entry, rel_paths))
+
+
+def _write_local_manifest(local_dir: Path, manifest: JsonManifest, name: str = MANIFEST) -> None:
+    """The manifest into `local_dir` under `name`, whole or not at all (a rename)."""
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=local_dir)
     with os.fdopen(fd, "wb") as fh:
         fh.write(manifest.to_json())
-    os.replace(tmp, local_dir / MANIFEST)
+    os.replace(tmp, local_dir / name)
 
 
 # ---------------------------------------------------------------- upload
@@ -200,7 +217,7 @@ def write_local_manifest(local_dir: str | os.PathLike, step: int, epoch: float |
     """A run without object storage: the same manifest (files, sizes, sha256, the config),
     on the checkpoint folder only, so "complete" means the same thing with or without storage."""
     local_dir = Path(local_dir)
-    entries = [FileEntry(r, (local_dir / r).stat().st_size, sha256_file(local_dir / r)) for r in local_files(local_dir)]
+    entries = hash_files(local_dir, local_files(local_dir))
     manifest = Manifest(step=step, epoch=epoch, files=tuple(entries), config=config)
     _write_local_manifest(local_dir, manifest)
     return manifest
@@ -310,7 +327,7 @@ def verify(store: ObjectStore, manifest: Manifest, *, listing: dict[int, RemoteC
     return problems
 
 
-def verify_local(local_dir: Path, manifest: Manifest, *, check_sha256: bool = True) -> list[str]:
+def verify_local(local_dir: Path, manifest: JsonManifest, *, check_sha256: bool = True) -> list[str]:
     problems = []
     for entry in manifest.files:
         path = local_dir / entry.path

@@ -90,6 +90,11 @@ class TransferSettings:
     multipart_chunksize: int = 16 * MiB
     max_concurrency: int = 8
     file_concurrency: int = 4  # small (single-part) files in flight beside the big one (checkpoints.py)
+    # Fetching a base model (model/fetch.py): ranged GETs over every file at once, each range
+    # between multipart_chunksize and range_part_max bytes, range_concurrency in flight (as many
+    # streams as an upload's parts, for the same reason; raise it on a node with a fatter NIC).
+    range_concurrency: int = 8
+    range_part_max: int = 64 * MiB
 
 
 class ObjectStore(ABC):
@@ -112,6 +117,12 @@ class ObjectStore(ABC):
     def get_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
+    def read_range_into(self, key: str, start: int, length: int, fd: int) -> int:
+        """Bytes start .. start+length-1 of the object, written to the open file `fd` at the same
+        offset (os.pwrite: the ranges of one file land in parallel); returns how many were written.
+        A failed try is retried whole (its bytes are simply written again)."""
+
+    @abstractmethod
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Every object whose key starts with `prefix` (a string prefix, not only a folder)."""
 
@@ -125,6 +136,19 @@ class ObjectStore(ABC):
     def uri_for(self, key: str = "") -> str:
         """The full URI of a key, for logs and the FineTuneJob status."""
         return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
+
+
+RANGE_CHUNK = 1 * MiB  # what one read of a ranged GET's body holds in memory
+
+
+def _write_at(chunks: Iterable[bytes], fd: int, offset: int) -> int:
+    written = 0
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            n = os.pwrite(fd, view, offset + written)
+            view, written = view[n:], written + n
+    return written
 
 
 def join_key(*parts: str) -> str:
@@ -301,6 +325,20 @@ class S3Store(ObjectStore):
             lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read(), "read", key
         )
 
+    def read_range_into(self, key, start, length, fd):
+        if length <= 0:
+            return 0
+
+        def run() -> int:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                          Range=f"bytes={start}-{start + length - 1}")["Body"]
+            try:
+                return _write_at(body.iter_chunks(RANGE_CHUNK), fd, start)
+            finally:
+                body.close()
+
+        return self._call(run, "download", key)
+
     def list(self, prefix=""):
         full = join_key(self.prefix, prefix)
         if prefix.endswith("/") or (not prefix and self.prefix):
@@ -390,6 +428,23 @@ class FileStore(ObjectStore):
             return self._path(key).read_bytes()
         except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(f"{self.uri_for(key)} does not exist") from None
+
+    def read_range_into(self, key, start, length, fd):
+        source = self._path(key)
+        try:
+            src = os.open(source, os.O_RDONLY)
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(f"{self.uri_for(key)} does not exist") from None
+        try:
+            def chunks() -> Iterable[bytes]:
+                done = 0
+                while done < length and (block := os.pread(src, min(RANGE_CHUNK, length - done), start + done)):
+                    done += len(block)
+                    yield block
+
+            return _write_at(chunks(), fd, start)
+        finally:
+            os.close(src)
 
     def list(self, prefix=""):
         folder = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
