@@ -49,6 +49,14 @@ def test_seed_template_pasted_under_spec_validates(tmp_path, capsys):
         ({"resources": {"requests": {}, "limit": {}}}, "spec.resources"),
         ({"nodez": 2}, "spec.nodez"),
         ({"termination_grace_period_seconds": 5}, "spec.termination_grace_period_seconds"),
+        # run settings the operator would refuse: `finetune validate -f` says so first
+        ({"output": {"report_to": ["wandb"]}, "tracking": {"wandb": {"project": "p"}}},
+         "spec.tracking.wandb.api_key_secret"),
+        ({"output": {"report_to": ["mlflow"]}}, "spec.tracking.mlflow"),
+        ({"tracking": {"mlflow": {"tracking_uri": "mlflow:5000"}}}, "spec.tracking.mlflow.tracking_uri"),
+        ({"env": [{"name": "WANDB_API_KEY", "value": "k"}]}, "spec.env[0].name"),
+        ({"model": {"base_model": "/models/llama"}}, "spec.model.base_model"),
+        ({"resources": {"limits": {"nvidia.com/gpu": 2}}}, "spec.resources.limits"),
     ],
 )
 def test_bad_spec_names_the_spec_field(tmp_path, capsys, spec_patch, path):
@@ -77,3 +85,14 @@ def test_overrides_apply_to_the_spec(tmp_path, capsys):
     rc, out, err = run(tmp_path, manifest({"model": {"base_model": "m"}}), capsys, "--training.epochs", "7")
     assert rc == 0, err
     assert "for 7 epochs" in out
+
+
+def test_a_malformed_value_says_what_the_field_expects(tmp_path, capsys):
+    """A pattern error names the field, the value and what belongs there (its description), not
+    only the regex."""
+    spec = {"model": {"base_model": "m"}, "dataset": {"train_path": "d.jsonl"}, "output": {"report_to": ["mlflow"]},
+            "tracking": {"mlflow": {"tracking_uri": "mlflow:5000"}}}
+    rc, _, err = run(tmp_path, manifest(spec), capsys)
+    assert rc == 1
+    assert ("spec.tracking.mlflow.tracking_uri: must match the pattern ^(https?://.+|databricks(://.*)?)$ (got 'mlflow:5000'); "
+            "expected: MLflow tracking server (MLFLOW_TRACKING_URI), e.g. http://mlflow.mlflow.svc:5000.") in err, err

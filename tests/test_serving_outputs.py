@@ -30,6 +30,7 @@ from finetune_trainer.config import ConfigError, FineTuneConfig
 from finetune_trainer.config.loader import validate_data
 from finetune_trainer.serving import (
     ServingPlan,
+    base_for_server,
     dns_name,
     final_outputs_for,
     inference_service,
@@ -322,6 +323,19 @@ def test_builtin_base_is_served_from_its_hub_origin(tmp_path):
     assert p.final_uri == f"{JOB}/final/"
     local = serving_plan(config(), output_dir=tmp_path / "out", total_params=10, merged=True)
     assert local.final_uri == (tmp_path / "out").resolve().as_uri() + "/" and local.name == "out"
+
+
+@pytest.mark.parametrize("base_model, base, note", [
+    ("builtin:SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "is a Q4_1 GGUF of"),
+    ("s3://b/models/llama/", "s3://b/models/llama/", "is in object storage"),
+    ("/models/llama", "/models/llama", "is a local path"),
+    ("weights/m.Q4.gguf", "weights/m.Q4.gguf", "is a local path"),
+    ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct", None),
+])
+def test_base_for_server_says_what_a_server_can_load(base_model, base, note):
+    got, got_note = base_for_server(base_model)
+    assert got == base
+    assert (got_note == "") if note is None else (f"`{base_model}` {note}" in got_note)
 
 
 def run_script(script: Path, tmp_path: Path) -> list[str]:

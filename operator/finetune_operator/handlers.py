@@ -48,7 +48,7 @@ from finetune_trainer.contract import ANNOTATION_BACKEND, ANNOTATION_SPEC_HASH, 
 from .kube import JSON_PATCH, RETRY_DELAY, ApiError, Kube, status_json_patch
 from .outputs import job_outputs
 from .render import config_map_name, render, spec_hash
-from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from .spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, StorageSpec
 
 FINETUNEJOBS = (GROUP, VERSION, PLURAL)
 MAX_STATUS_CONFLICTS = 5  # re-reads when another writer moved the resourceVersion first
@@ -235,7 +235,7 @@ def refuse_to_apply(kube: Kube, job: Mapping[str, Any], generation: int, backend
 
 
 def reconcile_fields(outcome: Outcome, spec_suspend: bool, when: str,
-                     settings: Any = None) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+                     default_storage: StorageSpec | None = None) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     """What a reconcile writes, derived on whichever body `write_status` has (the handler's,
     or a re-read after a conflict). The workload summary already in status wins over the
     one this reconcile read: it is written by the workload's own event handler, which sees
@@ -243,7 +243,7 @@ def reconcile_fields(outcome: Outcome, spec_suspend: bool, when: str,
 
     def fields(body: Mapping[str, Any]) -> dict[str, Any]:
         status = body.get("status") or {}
-        return derive(body, outcome.acceptance, spec_suspend, child_summary(status, outcome), when, settings)
+        return derive(body, outcome.acceptance, spec_suspend, child_summary(status, outcome), when, default_storage)
 
     return fields
 
@@ -289,7 +289,7 @@ def child_summary(status: Mapping[str, Any] | None, outcome: Outcome) -> dict[st
 
 def derive(
     body: Mapping[str, Any], acceptance: st.Acceptance, spec_suspend: bool, workload: Any, when: str,
-    settings: Any = None,
+    default_storage: StorageSpec | None = None,
 ) -> dict[str, Any]:
     """The status fields we own; a succeeded job's also list its results (status.outputs)."""
     status = body.get("status") or {}
@@ -303,7 +303,7 @@ def derive(
         now=when,
     )
     if fields["phase"] == st.PHASE_SUCCEEDED:
-        outputs = job_outputs(body, getattr(settings, "default_storage", None))
+        outputs = job_outputs(body, default_storage)
         if outputs:
             fields["outputs"] = outputs
     return fields
@@ -327,7 +327,7 @@ def owner_events(before: Mapping[str, Any] | None, after: Mapping[str, Any], acc
 
 
 def sync_owner_status(kube: Kube, child: Mapping[str, Any], logger: logging.Logger, metrics: Any = None,
-                      settings: Any = None) -> None:
+                      default_storage: StorageSpec | None = None) -> None:
     """A workload (any backend's kind) -> its FineTuneJob's status, through `write_status`."""
     meta = child["metadata"]
     backend = bk.backend_of(child)
@@ -354,7 +354,8 @@ def sync_owner_status(kube: Kube, child: Mapping[str, Any], logger: logging.Logg
                 return None
             return {"workload": summary, "backend": backend.name}
         acceptance = st.Acceptance.from_conditions(status.get("conditions"), int(owner["metadata"].get("generation") or 1))
-        return derive(owner, acceptance, (owner.get("spec") or {}).get("suspend") is True, summary, now(), settings)
+        return derive(owner, acceptance, (owner.get("spec") or {}).get("suspend") is True, summary, now(),
+                      default_storage)
 
     written = write_status(kube, owner, fields, logger)
     if written is not None:
@@ -438,9 +439,8 @@ def reconciles(memo: kopf.Memo, **_: Any) -> int:
 def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Read (kopf's body) -> decide (reconcile_job: render, checks, apply) -> write status once,
     and post the Events of what was written."""
-    metrics = getattr(memo, "metrics", None)
-    with metrics.timed("reconcile") if metrics is not None else contextlib.nullcontext():
-        _reconcile_handler(body, memo, logger, metrics)
+    with timed(memo, "reconcile"):
+        _reconcile_handler(body, memo, logger, getattr(memo, "metrics", None))
 
 
 def _reconcile_handler(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, metrics: Any) -> None:
@@ -449,8 +449,8 @@ def _reconcile_handler(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
     with api_errors(delay):
         outcome = reconcile_job(memo.kube, job, memo.render_settings, getattr(memo, "discovery", None))
         spec_suspend = (job.get("spec") or {}).get("suspend") is True
-        written = write_status(memo.kube, job, reconcile_fields(outcome, spec_suspend, when, memo.render_settings),
-                               logger)
+        fields = reconcile_fields(outcome, spec_suspend, when, operator_default_storage(memo))
+        written = write_status(memo.kube, job, fields, logger)
     before, after = written if written is not None else (job.get("status") or {}, job.get("status") or {})
     events = owner_events(before, {**before, **after}, outcome.acceptance)
     if outcome.choice is not None and after.get("backend") and not before.get("backend"):
@@ -475,10 +475,21 @@ def workload_event(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_
     """Mirror the workload's state onto its FineTuneJob (a relist every watch restart resyncs)."""
     metrics = getattr(memo, "metrics", None)
     try:
-        with metrics.timed("workload_event") if metrics is not None else contextlib.nullcontext():
-            sync_owner_status(memo.kube, as_job(body), logger, metrics, getattr(memo, "render_settings", None))
+        with timed(memo, "workload_event"):
+            sync_owner_status(memo.kube, as_job(body), logger, metrics, operator_default_storage(memo))
     except ApiError as err:
         logger.warning(f"could not update the FineTuneJob's status: {err}")
+
+
+def timed(memo: kopf.Memo, handler: str) -> Any:
+    """The handler's time into the reconcile histogram (a memo without metrics: not timed)."""
+    metrics = getattr(memo, "metrics", None)
+    return metrics.timed(handler) if metrics is not None else contextlib.nullcontext()
+
+
+def operator_default_storage(memo: kopf.Memo) -> StorageSpec | None:
+    """The operator's storage for jobs without spec.storage (status.outputs names it too)."""
+    return getattr(getattr(memo, "render_settings", None), "default_storage", None)
 
 
 @kopf.on.startup()

@@ -60,4 +60,13 @@ def load_document(
 ) -> LoadedConfig | None:
     """`finetune`'s reader for manifests (entry point finetune.documents): None when `doc`
     is not one, so the CLI reads it as a seed config."""
-    return validate_manifest(doc, overrides, mode=mode, base_dir=base_dir) if is_manifest(doc) else None
+    if not is_manifest(doc):
+        return None
+    loaded = validate_manifest(doc, overrides, mode=mode, base_dir=base_dir)
+    if mode == "validate":  # what the operator would refuse anyway, said now (not for a local `train -f`)
+        from .render import RenderSettings, env_issues, spec_issues  # render builds on this module
+
+        issues = [*env_issues(doc["spec"].get("env")), *spec_issues(loaded.config, RenderSettings())]
+        if issues:
+            raise ConfigError(issues, loaded.warnings)
+    return loaded

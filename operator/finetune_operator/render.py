@@ -99,12 +99,17 @@ def check(job: dict[str, Any], settings: RenderSettings, backend: Backend | None
         known = {e.path for e in exc.errors}
         raise ConfigError(exc.errors + [i for i in untyped if i.path not in known], exc.warnings) from None
     spec: FineTuneJobSpec = loaded.config  # type: ignore[assignment]
-    issues = [*untyped, *policy_issues(spec, settings), *resource_issues(spec), *storage_issues(spec, settings), *tracking_issues(spec),
-              *model_volume_issues(spec, settings),
+    issues = [*untyped, *policy_issues(spec, settings), *storage_issues(spec, settings), *spec_issues(spec, settings),
               *(backend_issues(spec, backend) if backend else [])]
     if issues:
         raise ConfigError(issues, loaded.warnings)
     return loaded
+
+
+def spec_issues(spec: FineTuneJobSpec, settings: RenderSettings) -> list[ConfigIssue]:
+    """The run settings' rules that the spec alone decides (no cluster policy or default):
+    `finetune validate -f` checks these too (manifest.load_document)."""
+    return [*resource_issues(spec), *tracking_issues(spec), *model_volume_issues(spec, settings)]
 
 
 def name_issues(name: Any) -> list[ConfigIssue]:

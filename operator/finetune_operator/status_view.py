@@ -56,15 +56,13 @@ def job_row(job: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def status_lines(jobs: Iterable[Mapping[str, Any]]) -> list[str]:
-    rows = [HEADER] + [job_row(j) for j in sorted(jobs, key=lambda j: (j["metadata"].get("namespace", ""),
-                                                                      j["metadata"].get("name", "")))]
-    if len(rows) == 1:
+    ordered = sorted(jobs, key=lambda j: (j["metadata"].get("namespace", ""), j["metadata"].get("name", "")))
+    if not ordered:
         return ["No FineTuneJobs found."]
+    rows = [HEADER] + [job_row(j) for j in ordered]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return table + [line for job in sorted(jobs, key=lambda j: (j["metadata"].get("namespace", ""),
-                                                               j["metadata"].get("name", "")))
-                    for line in warnings(job)]
+    return table + [line for job in ordered for line in warnings(job)]
 
 
 # status.progress flags the trainer raises while training goes on without something

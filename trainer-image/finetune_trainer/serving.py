@@ -38,6 +38,7 @@ import yaml
 
 from . import contract as c
 from .config import FineTuneConfig
+from .config.rules import model_source_kind, weights_sharded
 from .model import builtin
 
 if TYPE_CHECKING:
@@ -79,9 +80,8 @@ def has_adapter(cfg: FineTuneConfig) -> bool:
 
 def evaluation_published(cfg: FineTuneConfig) -> bool:
     """Whether final/ gets evaluation.json: benchmarks are set, and rank 0 holds the whole
-    model to run them on (not under ZeRO-3; see train.benchmarks_can_run)."""
-    zero3 = cfg.distributed.use_deepspeed and cfg.distributed.zero_stage == 3
-    return bool(cfg.evaluation.benchmarks) and not zero3
+    model to run them on (not under ZeRO-3)."""
+    return bool(cfg.evaluation.benchmarks) and not weights_sharded(cfg)
 
 
 def final_outputs_for(cfg: FineTuneConfig, job_uri: str) -> dict[str, str]:
@@ -104,19 +104,18 @@ def dns_name(text: str) -> str:
 
 def base_for_server(base_model: str) -> tuple[str, str]:
     """(what a server loads as the base of an adapter, a note for serving.md or "")."""
-    if builtin.is_builtin(base_model):
-        name = base_model[len(builtin.BUILTIN_PREFIX):]
-        hub = builtin.HUB_ORIGINS.get(name)
+    kind = model_source_kind(base_model)
+    if kind == "builtin":
+        hub = builtin.HUB_ORIGINS.get(base_model.removeprefix(builtin.BUILTIN_PREFIX))
         if hub:
             return hub, (f"The base `{base_model}` is a Q4_1 GGUF of `{hub}`, dequantized; the adapter was trained on "
                          "those weights, so base + adapter on the Hub's weights is close but not exact. The merged "
                          "model is exact.")
         return base_model, f"The base `{base_model}` is not on the Hub: serve the merged model (output.merge_adapter)."
-    if base_model.startswith("s3://"):
+    if kind == "s3":
         return base_model, (f"The base `{base_model}` is in object storage: the server needs a copy of that folder "
                             "(KServe's --model_id wants a Hub ID), or serve the merged model (output.merge_adapter).")
-    path = Path(base_model).expanduser()
-    if base_model.startswith(("/", "./", "../", "~")) or path.suffix == ".gguf":
+    if kind == "local":
         return base_model, (f"The base `{base_model}` is a local path: the server needs the same files at that path "
                             "(KServe's --model_id wants a Hub ID), or serve the merged model (output.merge_adapter).")
     return base_model, ""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, ConfigIssue, FineTuneConfig, dump_config
-from .config.rules import resolve_deepspeed_path
+from .config.rules import resolve_deepspeed_path, weights_sharded
 from .contract import CONFIG_FILE, EXIT_OK, EXIT_PERMANENT, EXIT_UNAVAILABLE, METRICS_FILE, RESULTS_FILE, world
 from .data import IGNORE_INDEX, DataError, data_collator, prepare_data
 from .storage.stores import StorageUnavailable
@@ -142,15 +142,15 @@ def train(
 
     storage = open_storage(cfg, out)
     resume = storage.resume_checkpoint()
+    kept: list[dict[str, Any]] = []  # the records up to the checkpoint a resumed run keeps
     if main:
-        prepare_metrics_file(out / METRICS_FILE, resume_step=checkpoint_step(resume) if resume else None)
+        kept = prepare_metrics_file(out / METRICS_FILE, resume_step=checkpoint_step(resume) if resume else None)
         with (out / METRICS_FILE).open("a", encoding="utf-8") as f:
             stats = {name: s.as_dict() for name, s in data.stats.items()}
             f.write(json_line(data_record(stats, step=checkpoint_step(resume) if resume else 0, now=time.time())) + "\n")
         if resume:
             log.info("resuming from %s", resume)
-    tracking = open_tracking(cfg, out, resume=resume, store=storage.store,  # nothing to do off the main process
-                             metrics_file=out / METRICS_FILE)
+    tracking = open_tracking(cfg, out, resume=resume, store=storage.store, history=kept)  # only the main process
     with tracking.ended_on_failure():
         return _train_and_save(cfg, out, method=method, args=args, tokenizer=tokenizer, data=data, storage=storage,
                                resume=resume, tracking=tracking, callbacks=callbacks, reporters=reporters,
@@ -239,7 +239,7 @@ def _train_and_save(cfg: FineTuneConfig, out: Path, *, method, args, tokenizer, 
 
 def benchmarks_can_run(cfg: FineTuneConfig) -> bool:
     """The benchmarks run on rank 0's model; under ZeRO-3 it holds only a shard."""
-    if cfg.distributed.use_deepspeed and cfg.distributed.zero_stage == 3:
+    if weights_sharded(cfg):
         log.warning("evaluation.benchmarks skipped under ZeRO-3 (rank 0 holds a shard of the weights); "
                     "run them on the saved model")
         return False
@@ -394,14 +394,16 @@ def checkpoint_step(path: str | Path) -> int:
     return int(Path(path).name.rsplit("-", 1)[-1])
 
 
-def prepare_metrics_file(path: Path, *, resume_step: int | None) -> None:
+def prepare_metrics_file(path: Path, *, resume_step: int | None) -> list[dict[str, Any]]:
     """A fresh run starts an empty metrics.jsonl; a resumed one keeps the lines up to its
-    checkpoint, so steps that are trained again are not logged twice."""
+    checkpoint, so steps that are trained again are not logged twice. Returns the kept records."""
     if resume_step is None or not path.exists():
         path.write_text("")
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
-    path.write_text("".join(line + "\n" for line in kept))
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [(line, record) for line in lines if (record := json.loads(line))["step"] <= resume_step]
+    path.write_text("".join(line + "\n" for line, _ in kept))
+    return [record for _, record in kept]
 
 
 def early_exit_code(callbacks: Sequence[Any]) -> int | None:

@@ -107,6 +107,12 @@ def from_validation_error(exc: ValidationError, root: type[BaseModel], prefix: t
             close = difflib.get_close_matches(str(err["input"]), options, n=1, cutoff=0.5)
             if close:
                 message += f"; did you mean {close[0]!r}?"
+        elif kind == "string_pattern_mismatch":  # the regex alone says little: add what the field holds
+            message = f"must match the pattern {err['ctx']['pattern']} (got {_got(err['input'])})"
+            field = model_at(root, loc[:-1])
+            info = field.model_fields.get(loc[-1]) if field and isinstance(loc[-1], str) else None
+            if info is not None and info.description:
+                message += f"; expected: {info.description}"
         elif kind == "value_error":
             message = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
         else:

@@ -41,6 +41,11 @@ BUILTIN_PREFIX = "builtin:"  # model/builtin.py's built-in models
 S3_PREFIX = "s3://"
 
 
+def weights_sharded(cfg: FineTuneConfig) -> bool:
+    """ZeRO-3: each rank holds a shard of the weights, so rank 0 alone cannot run the benchmarks."""
+    return cfg.distributed.use_deepspeed and cfg.distributed.zero_stage == 3
+
+
 def model_source_kind(name: str) -> SourceKind:
     """How a model.base_model (or model.tokenizer) value is read: a built-in model, an s3://
     folder (fetched), a local path (a directory, a mounted volume's too, or a .gguf file: what

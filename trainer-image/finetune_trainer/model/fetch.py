@@ -38,13 +38,12 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config.issues import ConfigError, ConfigIssue
 from ..config.rules import model_source_kind
 from ..contract import (
     ENV_HF_HUB_OFFLINE,
@@ -71,6 +70,7 @@ from ..storage.checkpoints import (
 )
 from ..storage.stores import MiB, ObjectNotFound, ObjectStore, StorageError, StorageUnavailable, TransferSettings, open_store
 from . import builtin
+from .loading import config_error
 
 if TYPE_CHECKING:
     from ..config.schema import FineTuneConfig
@@ -166,7 +166,7 @@ def hub_offline(environ: Mapping[str, str]) -> bool:
 
 def fetches(here: World, shared: bool) -> bool:
     """Whether this process fills the cache: global rank 0 of a shared one, else local rank 0."""
-    return here.rank == 0 if shared else here.local_rank == 0
+    return here.is_main if shared else here.is_local_main
 
 
 def wanted(key: str, patterns: tuple[str, ...]) -> bool:
@@ -179,10 +179,6 @@ def offline_message(name: str, *, searched: str) -> str:
             f"{searched}; give a source that needs no Hub: upload the model folder and set "
             "model.base_model: s3://bucket/prefix/, or mount a volume holding it (spec.model_volume) and give its "
             "path; or allow the Hub (the chart's hub.offline: false)")
-
-
-def _config_error(path: str, message: str) -> ConfigError:
-    return ConfigError([ConfigIssue(path, message)])
 
 
 def _mib(size: int) -> float:
@@ -204,13 +200,12 @@ def fetch_model(cfg: FineTuneConfig, environ: Mapping[str, str] | None = None, *
     kind = model_source_kind(model.base_model)
     fetched = FetchedModel(model.base_model)
     if kind == "s3":
-        fetched = FetchedModel(model.base_model, job.from_s3(model.base_model, "model.base_model", MODEL_FILES)[0])
+        fetched = replace(fetched, local_dir=job.from_s3(model.base_model, "model.base_model", MODEL_FILES)[0])
     elif kind == "hub":
         entry, manifest = job.from_hub(model.base_model, model.revision)
-        fetched = FetchedModel(model.base_model, entry, manifest.revision)
+        fetched = replace(fetched, local_dir=entry, revision=manifest.revision)
     if model.tokenizer and model_source_kind(model.tokenizer) == "s3":
-        tokenizer_dir = job.from_s3(model.tokenizer, "model.tokenizer", TOKENIZER_FILES)[0]
-        fetched = FetchedModel(fetched.source, fetched.local_dir, fetched.revision, tokenizer_dir)
+        fetched = replace(fetched, tokenizer_dir=job.from_s3(model.tokenizer, "model.tokenizer", TOKENIZER_FILES)[0])
     return fetched
 
 
@@ -310,7 +305,7 @@ class _Fetch:
 
     def from_s3(self, uri: str, path: str, patterns: tuple[str, ...]) -> tuple[Path, ModelManifest]:
         return self.cached(uri, None, lambda tmp: download_folder(_open(uri, path), tmp, source=uri, path=path,
-                                                                  patterns=patterns, weights=patterns == MODEL_FILES))
+                                                                  patterns=patterns))
 
     def from_hub(self, repo: str, requested: str | None) -> tuple[Path, ModelManifest]:
         # the job's mirror, for the process that fills this node's cache (no client for the others)
@@ -324,8 +319,7 @@ class _Fetch:
                 if self.here.node_rank != 0:
                     self.wait_for_mirror(mirror, repo, requested)
                 log.info("model: %s from the job's mirror %s", repo, mirror.uri)
-                return download_folder(mirror, tmp, source=repo, path="model.base_model", patterns=MODEL_FILES,
-                                       weights=True)
+                return download_folder(mirror, tmp, source=repo, path="model.base_model", patterns=MODEL_FILES)
             return self.from_snapshot(tmp, repo, requested, searched=f"the model cache ({entry})"
                                       + (f", the job's mirror ({mirror.uri})" if mirror else ""))
 
@@ -344,16 +338,16 @@ class _Fetch:
         except LocalEntryNotFoundError:
             if not self.offline:
                 raise
-            raise _config_error("model.base_model", offline_message(repo, searched=f"{searched} or the Hugging Face "
+            raise config_error("model.base_model", offline_message(repo, searched=f"{searched} or the Hugging Face "
                                                                                    "cache (HF_HOME)")) from None
         except RevisionNotFoundError:
-            raise _config_error("model.revision", f"{requested!r} is not a commit, tag or branch of {repo!r}") from None
+            raise config_error("model.revision", f"{requested!r} is not a commit, tag or branch of {repo!r}") from None
         except (GatedRepoError, RepositoryNotFoundError) as exc:
-            raise _config_error("model.base_model", f"{repo!r}: {str(exc).splitlines()[0]} (a private or gated model "
+            raise config_error("model.base_model", f"{repo!r}: {str(exc).splitlines()[0]} (a private or gated model "
                                 "needs a token: spec.hf_token_secret)") from None
         files = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file())
         if not any(fnmatch(f, WEIGHTS) for f in files):
-            raise _config_error("model.base_model", f"{repo!r} has no {WEIGHTS} weights at revision "
+            raise config_error("model.base_model", f"{repo!r} has no {WEIGHTS} weights at revision "
                                 f"{requested or 'main'}; use a revision (or a copy of the model) in safetensors")
         for rel in files:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -393,7 +387,7 @@ def _open(uri: str, path: str) -> ObjectStore:
     try:
         return open_store(uri)
     except ValueError as exc:
-        raise _config_error(path, str(exc)) from None
+        raise config_error(path, str(exc)) from None
 
 
 def read_manifest(store: ObjectStore) -> ModelManifest | None:
@@ -413,31 +407,35 @@ def mirrored(mirror: ObjectStore, repo: str, requested: str | None) -> bool:
     return manifest is not None and (manifest.source, manifest.requested) == (repo, requested)
 
 
-def download_folder(store: ObjectStore, dest: Path, *, source: str, path: str, patterns: tuple[str, ...],
-                    weights: bool) -> ModelManifest:
+def download_folder(store: ObjectStore, dest: Path, *, source: str, path: str, patterns: tuple[str, ...]) -> ModelManifest:
     """A model folder in object storage into `dest`: the files its manifest lists (checked against
     their sha256), or else the `patterns` files its listing shows (sha256 computed here).
-    `weights`: it must hold safetensors (a model, not a tokenizer alone); `path`: the config key."""
+    Patterns that include WEIGHTS are a model's: it must hold safetensors (a tokenizer's need
+    not); `path`: the config key."""
     try:
         remote = read_manifest(store)
         if remote is not None:
             files, revision, requested = list(remote.files), remote.revision, remote.requested
         else:
-            listing = store.list()
-            files = [FileEntry(o.key, o.size, "") for o in listing if wanted(o.key, patterns)]
+            files, skipped = [], []
+            for o in store.list():  # one listing, split into what is fetched and what is not
+                if wanted(o.key, patterns):
+                    files.append(FileEntry(o.key, o.size, ""))
+                else:
+                    skipped.append(o.key)
             revision = requested = None
-            if skipped := [o.key for o in listing if not wanted(o.key, patterns)]:
+            if skipped:
                 log.info("model: %d objects of %s skipped (not model files, or in sub-folders): %s", len(skipped),
                          store.uri, ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     except StorageUnavailable:
         raise
     except StorageError as exc:
-        raise _config_error(path, f"cannot read {source}: {exc}; check the URI and the storage credentials") from None
-    if weights and not any(fnmatch(f.path, WEIGHTS) for f in files):
-        raise _config_error(path, f"{store.uri}/ holds no {WEIGHTS} file at its top ({len(files)} model files); "
+        raise config_error(path, f"cannot read {source}: {exc}; check the URI and the storage credentials") from None
+    if WEIGHTS in patterns and not any(fnmatch(f.path, WEIGHTS) for f in files):
+        raise config_error(path, f"{store.uri}/ holds no {WEIGHTS} file at its top ({len(files)} model files); "
                             "point it at a folder that save_pretrained wrote (safetensors, config.json, tokenizer)")
     if not files:
-        raise _config_error(path, f"{store.uri}/ holds no tokenizer files at its top; point it at a folder that "
+        raise config_error(path, f"{store.uri}/ holds no tokenizer files at its top; point it at a folder that "
                             "the tokenizer's save_pretrained wrote")
     entries = get_files(store, files, dest)
     return ModelManifest(source=source, revision=revision, requested=requested, files=tuple(entries))

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,8 +56,8 @@ class Tracking(TrainerCallback):
             if history and getattr(worker.tracker, "replays_history", False):
                 # A SIGKILLed attempt may not have delivered its last figures before the checkpoint;
                 # metrics.jsonl has them. MLflow keeps identical points once, so a replay only fills gaps.
-                worker.submit("log_history", [(figures(r, sectioned=False), int(r["step"]), float(r["time"]))
-                                              for r in history if figures(r, sectioned=False)])
+                worker.submit("log_history", [(numbers, int(r["step"]), float(r["time"])) for r in history
+                                              if (numbers := figures(r, sectioned=False))])
 
     @property
     def names(self) -> list[str]:
@@ -76,10 +77,11 @@ class Tracking(TrainerCallback):
             worker.submit("log_evaluation", rows)
 
     def finish(self, ok: bool) -> None:
-        """End every tracker's run; waits at most flush_seconds in all (in parallel)."""
+        """End every tracker's run; waits at most flush_seconds in all (the workers drain in parallel)."""
         for worker in self.workers:
             worker.submit("finish", ok)
-        statuses = [worker.close(self.flush_seconds) for worker in self.workers]
+        deadline = time.monotonic() + self.flush_seconds
+        statuses = [worker.close(max(deadline - time.monotonic(), 0.0)) for worker in self.workers]
         lost = [s for s in statuses if s.degraded or s.pending or s.dropped]
         self._final = {"tracker_degraded": bool(lost)} if statuses else {}
         if lost:
@@ -150,15 +152,10 @@ def missing_packages(report_to: list[str]) -> list[ConfigIssue]:
     ]
 
 
-def read_history(metrics_file: Path) -> list[dict[str, Any]]:
-    """The records a resumed run's metrics.jsonl kept (steps up to the checkpoint)."""
-    if not metrics_file.is_file():
-        return []
-    return [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-
-
 def open_tracking(cfg: FineTuneConfig, output_dir: Path, *, resume: str | None, store: Any = None,
-                  environ: Mapping[str, str] | None = None, metrics_file: Path | None = None) -> Tracking:
+                  environ: Mapping[str, str] | None = None, history: list[Mapping[str, Any]] = ()) -> Tracking:
+    """The run's trackers; `history`: the metrics.jsonl records a resumed run kept (replayed to
+    trackers that deduplicate, see Tracking)."""
     from .trackers import MlflowTracker, TensorBoardTracker, WandbTracker
 
     env = os.environ if environ is None else environ
@@ -179,6 +176,5 @@ def open_tracking(cfg: FineTuneConfig, output_dir: Path, *, resume: str | None, 
     flush = float(env.get(ENV_TRACKER_FLUSH_SECONDS) or TRACKER_FLUSH_SECONDS)
     workers = [TrackerWorker(make[n]()) for n in report_to]
     log.info("reporting to %s as run %r", ", ".join(report_to), name)
-    history = read_history(metrics_file) if resume and metrics_file else []
     return Tracking(workers, params=flatten(config), config=config, resume_state=read_state(resume),
-                    flush_seconds=flush, history=history)
+                    flush_seconds=flush, history=list(history) if resume else [])

@@ -14,6 +14,7 @@ and reads its endpoint and key from the library's own environment variables.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from ..contract import (
     TENSORBOARD_KEY,
 )
 from .records import evaluation_markdown
+
+log = logging.getLogger("finetune_trainer.tracking")
 
 # MLflow's HTTP client retries 7 times with exponential backoff by default (minutes per
 # call); our worker retries itself, so each try is kept short unless the user set these.
@@ -73,6 +76,9 @@ class MlflowTracker:
             experiment = self.client.get_experiment_by_name(name)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
             self.run_id = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
+        # Unset MLFLOW_TRACKING_URI means mlflow's local default: say where the run went.
+        log.info("mlflow: %s run %s at %s", "resumed" if self.resumed else "started", self.run_id,
+                 self.client.tracking_uri)
         return {"run_id": self.run_id}
 
     def log_params(self, params: dict[str, str], config: dict[str, Any]) -> None:
