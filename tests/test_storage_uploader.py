@@ -273,3 +273,18 @@ def test_sigterm_saves_at_the_next_step_uploads_and_the_restart_resumes_there(st
     assert steps == [4, 5, 6]  # no step trained twice
     assert [m.step for m in list_complete(store)] == [6, 4]
     assert sorted(list_checkpoints(store)) == [4, 6]
+
+
+def test_the_hook_before_an_upload_runs_before_its_manifest(tmp_path):
+    """What must be in storage once a checkpoint is complete (the metrics history up to it) goes
+    up before the checkpoint's manifest: a pod killed as the manifest lands loses none of it."""
+    store = open_store((tmp_path / "store").as_uri(), retry=FAST)
+    seen = []
+    uploader = BackgroundUploader(store, before_upload=lambda step: seen.append((step, sorted(list_checkpoints(store)))))
+    try:
+        for step in (1, 2):
+            uploader.submit(make_checkpoint(tmp_path, step), step, step / 2)
+            assert uploader.wait(60)
+        assert seen == [(1, []), (2, [1])]  # each call came before its own checkpoint existed in storage
+    finally:
+        uploader.close()

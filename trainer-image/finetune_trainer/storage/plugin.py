@@ -54,7 +54,11 @@ class StoragePlugin(CheckpointSyncCallback):
         self.output_dir = output_dir
         self.stopped_by_signal = False
         if uploader is not None and world().rank == 0:
-            uploader.on_uploaded = self._publish_metrics  # in the upload thread: never stalls training
+            # In the upload thread (never stalls training): before the checkpoint's files, so a pod killed
+            # the moment its manifest lands still leaves the history up to it in storage; and after, for
+            # the lines logged meanwhile.
+            uploader.before_upload = lambda step: self._publish_metrics(None)
+            uploader.on_uploaded = self._publish_metrics
 
     # -------------------------------------------------------------- train.py's hooks
 

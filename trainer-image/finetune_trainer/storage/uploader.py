@@ -59,6 +59,7 @@ class BackgroundUploader:
         attempt: str = "",
         parts_timeout: float = 900.0,
         on_uploaded: Callable[[Manifest], None] | None = None,
+        before_upload: Callable[[int], None] | None = None,
         config: dict | None = None,
     ):
         self.store = store
@@ -68,6 +69,9 @@ class BackgroundUploader:
         self.attempt = attempt  # shared by all nodes; see CheckpointSyncCallback.on_train_begin
         self.parts_timeout = parts_timeout
         self.on_uploaded = on_uploaded
+        # Called with the step before a checkpoint's files go up, so what must be in storage by the
+        # time the checkpoint is complete (the metrics history up to it) is there before its manifest.
+        self.before_upload = before_upload
         self._cond = threading.Condition()
         self._pending: UploadJob | None = None
         self._current: UploadJob | None = None
@@ -158,6 +162,11 @@ class BackgroundUploader:
     def _upload(self, job: UploadJob) -> bool:
         if self.store is None:  # no object storage: the folder's manifest is all there is to write
             return self._write_manifest(job)
+        if self.before_upload:
+            try:
+                self.before_upload(job.step)
+            except Exception:  # a hook must never stop the uploads
+                log.exception("before_upload hook failed for checkpoint-%d", job.step)
         try:
             manifest = upload_checkpoint(
                 self.store, job.local_dir, job.step, job.epoch,
