@@ -550,17 +550,23 @@ def test_c2_sigterm_saves_the_current_step_exits_143_restart_resumes_there(
 # ------------------------------------------------------------------ (d) a 20 s outage
 
 
-def test_d_storage_outage_of_20s_mid_training_loses_nothing(tmp_path, tiny_model_dir, s3_outage):
+def test_d_storage_outage_mid_training_loses_nothing(tmp_path, tiny_model_dir, s3_outage):
+    """Storage goes down after the first checkpoint and stays down until the trainer has said so
+    and saved two more checkpoints (an outage past the store's whole retry budget)."""
     bucket = Bucket(s3_outage.server.endpoint, s3_outage.bucket, "team-a/job-d")  # read around the gate
-    max_steps = 200
-    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=max_steps, save_steps=8,
+    # long enough (~30 s here) to outlast the outage: detecting it takes the store's retry budget
+    # twice (retention's listing, then the history before the next checkpoint), ~8 s here
+    max_steps = 1200
+    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=max_steps, save_steps=40,
                           save_total_limit=None)
     out = output_dir(config)
     log = tmp_path / "run.log"
     proc = start_train(config, log)
     wait_until(bucket.complete, proc, log, "the first checkpoint")
     s3_outage.down()
-    time.sleep(20)
+    before = set(local_steps(out))
+    wait_until(lambda: "checkpoint upload degraded" in tail(log, 10**7) and len(set(local_steps(out)) - before) >= 2,
+               proc, log, "the outage reported, two checkpoints saved during it")
     saved_during = local_steps(out)
     s3_outage.up()
     assert proc.wait(timeout=240) == 0, tail(log)
@@ -570,11 +576,17 @@ def test_d_storage_outage_of_20s_mid_training_loses_nothing(tmp_path, tiny_model
     assert len(saved_during) >= 2, "no checkpoint was saved during the outage: it tested nothing"
     assert re.search(r"checkpoint upload degraded: checkpoint-\d+ not uploaded", text), text[-5000:]
     assert re.search(r"checkpoint uploads recovered with checkpoint-\d+", text), text[-5000:]
-    # every checkpoint saved after the outage is complete (and the final one always)
+    # every checkpoint saved after the outage is complete, unless a newer one superseded it before
+    # its upload began (and the final one always); uploads recovered while training went on
     after = [s for s in local_steps(out) if s > max(saved_during)]
-    assert max_steps in bucket.complete()
-    for step in after + [max_steps]:
-        bucket.assert_complete(step, out / f"checkpoint-{step}")
+    complete = bucket.complete()
+    assert max_steps in complete
+    assert any(s in complete for s in after if s < max_steps), f"training ended before storage was back: {complete}"
+    for step in after:
+        if step in complete:
+            bucket.assert_complete(step, out / f"checkpoint-{step}")
+        else:
+            assert f"checkpoint-{step} superseded by checkpoint-" in text, f"checkpoint-{step} lost: {complete}"
     assert_final_artifacts(bucket, out, max_steps)
     # training went on during the outage: no step waited for the store's retry budget
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -288,3 +288,44 @@ def test_the_hook_before_an_upload_runs_before_its_manifest(tmp_path):
         assert seen == [(1, []), (2, [1])]  # each call came before its own checkpoint existed in storage
     finally:
         uploader.close()
+
+
+def test_a_storage_failure_of_that_hook_is_the_checkpoints_own(tmp_path, caplog):
+    """Storage refusing the history up to a checkpoint fails that checkpoint's upload (degraded,
+    kept pending, no manifest stored ahead of its history): CI saw a whole outage pass where only
+    this write failed and nothing said storage was down."""
+    from finetune_trainer.storage.stores import StorageUnavailable
+
+    store = open_store((tmp_path / "store").as_uri(), retry=FAST)
+    outage = threading.Event()
+    outage.set()
+
+    def publish_history(step):
+        if outage.is_set():
+            raise StorageUnavailable(f"write metrics.jsonl before checkpoint-{step}: connection refused")
+
+    uploader = BackgroundUploader(store, before_upload=publish_history)
+    try:
+        uploader.submit(make_checkpoint(tmp_path, 1), 1, 0.5)
+        assert not uploader.wait(60)
+        status = uploader.status
+        assert status.degraded and "connection refused" in status.last_error and status.pending_step == 1
+        assert list_checkpoints(store) == {}
+        assert "checkpoint upload degraded: checkpoint-1 not uploaded" in caplog.text
+        outage.clear()
+        assert uploader.wait(60)  # the pending checkpoint's next try
+        assert not uploader.degraded and [m.step for m in list_complete(store)] == [1]
+        assert "checkpoint uploads recovered with checkpoint-1" in caplog.text
+    finally:
+        uploader.close()
+
+
+def test_any_other_failure_of_that_hook_never_stops_the_uploads(tmp_path, caplog):
+    store = open_store((tmp_path / "store").as_uri(), retry=FAST)
+    uploader = BackgroundUploader(store, before_upload=lambda step: 1 / 0)
+    try:
+        uploader.submit(make_checkpoint(tmp_path, 1), 1, 0.5)
+        assert uploader.wait(60) and [m.step for m in list_complete(store)] == [1]
+        assert "before_upload hook failed for checkpoint-1" in caplog.text
+    finally:
+        uploader.close()

@@ -57,7 +57,7 @@ class StoragePlugin(CheckpointSyncCallback):
             # In the upload thread (never stalls training): before the checkpoint's files, so a pod killed
             # the moment its manifest lands still leaves the history up to it in storage; and after, for
             # the lines logged meanwhile.
-            uploader.before_upload = lambda step: self._publish_metrics(None)
+            uploader.before_upload = lambda step: self._put_metrics()
             uploader.on_uploaded = self._publish_metrics
 
     # -------------------------------------------------------------- train.py's hooks
@@ -151,18 +151,22 @@ class StoragePlugin(CheckpointSyncCallback):
         finally:
             shutil.rmtree(final, ignore_errors=True)
 
-    def _publish_metrics(self, manifest) -> None:
-        """After each complete checkpoint (upload thread, global rank 0): storage's copy of
-        metrics.jsonl, the live record a restarted pod continues. Whole lines only: the
-        training thread may be appending one right now."""
+    def _put_metrics(self) -> None:
+        """Storage's copy of metrics.jsonl, the live record a restarted pod continues (upload
+        thread, global rank 0). Whole lines only: the training thread may be appending one right
+        now. Raises StorageError: before a checkpoint, that checkpoint's upload fails with it."""
         path = self.output_dir / METRICS_KEY
         if self.store is None or not path.is_file():
             return
         data = path.read_bytes()
+        self.store.put_bytes(data[: data.rfind(b"\n") + 1], METRICS_KEY)
+
+    def _publish_metrics(self, manifest) -> None:
+        """After each complete checkpoint: the lines logged while it went up."""
         try:
-            self.store.put_bytes(data[: data.rfind(b"\n") + 1], METRICS_KEY)
+            self._put_metrics()
         except StorageError as exc:
-            log.warning("metrics.jsonl not uploaded (%s); retried after the next checkpoint", exc)
+            log.warning("metrics.jsonl not uploaded (%s); retried with the next checkpoint", exc)
 
     # ------------------------------------------------------------------- callback
 

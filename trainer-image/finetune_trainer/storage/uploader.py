@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..contract import world
 from .checkpoints import Manifest, apply_retention, checkpoint_prefix, upload_checkpoint, write_local_manifest
-from .stores import ObjectStore
+from .stores import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +159,24 @@ class BackgroundUploader:
                     self._pending = job  # kept; tried again at the next submit or wait
                 self._cond.notify_all()
 
+    def _before_upload(self, step: int) -> None:
+        """The hook's storage failure is this checkpoint's: its manifest must not land before
+        what the hook puts there (CI saw a whole outage pass with only this write failing, and no
+        `degraded` reported). Any other failure of the hook is a bug; it never stops the uploads."""
+        if self.before_upload is None:
+            return
+        try:
+            self.before_upload(step)
+        except StorageError:
+            raise
+        except Exception:
+            log.exception("before_upload hook failed for checkpoint-%d", step)
+
     def _upload(self, job: UploadJob) -> bool:
         if self.store is None:  # no object storage: the folder's manifest is all there is to write
             return self._write_manifest(job)
-        if self.before_upload:
-            try:
-                self.before_upload(job.step)
-            except Exception:  # a hook must never stop the uploads
-                log.exception("before_upload hook failed for checkpoint-%d", job.step)
         try:
+            self._before_upload(job.step)
             manifest = upload_checkpoint(
                 self.store, job.local_dir, job.step, job.epoch,
                 node_rank=self.node_rank, num_nodes=self.num_nodes,
