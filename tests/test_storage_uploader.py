@@ -329,3 +329,44 @@ def test_any_other_failure_of_that_hook_never_stops_the_uploads(tmp_path, caplog
         assert "before_upload hook failed for checkpoint-1" in caplog.text
     finally:
         uploader.close()
+
+
+def test_a_checkpoint_another_node_skipped_never_holds_node_0(tmp_path, caplog):
+    """Node 1's uploader is busy while two saves come, so it drops the older one (newest pending
+    only); node 0, uploading that one, hears so and moves on at once instead of waiting out its
+    parts timeout (CI saw a two-node run stall there), and the newest checkpoint completes."""
+    store = open_store((tmp_path / "store").as_uri(), retry=FAST)
+    hold = threading.Event()
+    node0 = BackgroundUploader(store, node_rank=0, num_nodes=2, attempt="a", parts_timeout=600)
+    node1 = BackgroundUploader(store, node_rank=1, num_nodes=2, attempt="a", parts_timeout=600,
+                               before_upload=lambda step: hold.wait(60) if step == 1 else None)
+    roots = {rank: tmp_path / f"node-{rank}" for rank in (0, 1)}
+
+    def node1_checkpoint(step):  # the files node 1's ranks wrote (each node has its own)
+        folder = roots[1] / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "rng_state_1.pth").write_bytes(os.urandom(512))
+        return folder
+
+    try:
+        node1.submit(node1_checkpoint(1), 1, 0.25)
+        deadline = time.monotonic() + 60
+        while node1.status.uploading_step != 1 and time.monotonic() < deadline:  # taken, held in the hook
+            time.sleep(0.01)
+        for step in (2, 3):  # 2 waits, then 3 supersedes it on node 1 only
+            node1.submit(node1_checkpoint(step), step, step / 4)
+        for step in (1, 2):
+            node0.submit(make_checkpoint(roots[0], step), step, step / 4)
+            if step == 1:
+                hold.set()
+            assert node0.wait(120), f"node 0 still waiting for node 1's part of checkpoint-{step}"
+        assert node1.wait(120)
+        node0.submit(make_checkpoint(roots[0], 3), 3, 0.75)
+        assert node0.wait(120)
+        assert [m.step for m in list_complete(store)] == [3, 1]
+        assert not node0.degraded and not node1.degraded
+        assert "checkpoint-2: node(s) [1] skipped it for a newer save" in caplog.text
+    finally:
+        hold.set()
+        node0.close(5)
+        node1.close(5)

@@ -143,3 +143,26 @@ def test_a_hanging_tracker_neither_fails_nor_holds_training(tmp_path, tiny_model
     assert black_hole.connections >= 1  # it did try
     degraded = [u for u in updates if u.get("tracker_degraded")]
     assert degraded and "mlflow" in degraded[-1]["tracker_error"]
+
+
+def test_a_checkpoint_older_than_the_run_id_resumes_the_run_found_by_the_job_uid(mlflow_server, monkeypatch):
+    """MLflow's run id comes from the server: a checkpoint saved before the run was created has
+    none. The attempt resuming from it finds the run by the FineTuneJob's uid tag (the newest of
+    that job, never another job's); an attempt that starts from scratch makes a new run."""
+    from finetune_trainer.tracking.records import JOB_UID_TAG
+    from finetune_trainer.tracking.trackers import MlflowTracker
+
+    monkeypatch.setenv(c.ENV_MLFLOW_TRACKING_URI, mlflow_server.uri)
+    monkeypatch.setenv(c.ENV_MLFLOW_EXPERIMENT_NAME, "by-uid")
+    earlier = MlflowTracker(run_name="job-7", tags={JOB_UID_TAG: "uid-7"})
+    earlier.start(None)  # then SIGKILLed: the run stays RUNNING, no checkpoint knows its id
+    other_job = MlflowTracker(run_name="job-8", tags={JOB_UID_TAG: "uid-8"})
+    other_job.start(None)
+
+    resumed = MlflowTracker(run_name="job-7", tags={JOB_UID_TAG: "uid-7"}, resuming=True)
+    assert resumed.start(None) == {"run_id": earlier.run_id} and resumed.resumed
+    assert client(mlflow_server).get_run(earlier.run_id).info.status == "RUNNING"
+    from_scratch = MlflowTracker(run_name="job-7", tags={JOB_UID_TAG: "uid-7"})
+    assert from_scratch.start(None)["run_id"] not in (earlier.run_id, other_job.run_id)
+    no_uid = MlflowTracker(run_name="local", tags={}, resuming=True)  # a local run: nothing to find it by
+    assert no_uid.start(None)["run_id"] not in (earlier.run_id, other_job.run_id)

@@ -18,6 +18,9 @@ import pytest
 import yaml
 
 from finetune_trainer import contract as c
+from test_checkpoint_resume_single import Bucket, kill_pod, new_pod_disk, output_dir, run_to_end, start_train
+from test_checkpoint_resume_single import no_pod_outlives_its_test  # noqa: F401 - autouse: no trainer outlives its test
+from test_checkpoint_resume_single import trainer_env, wait_until, write_config
 from test_train_e2e import metrics, run_train, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -80,6 +83,17 @@ def wandb_records(run_dir):
     return records
 
 
+def wandb_losses(records) -> dict[int, float]:
+    """train/loss per step of a run's history records."""
+    history = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            if "train/loss" in items:
+                history[items["_step"]] = items["train/loss"]
+    return history
+
+
 def test_wandb_offline_run_holds_the_losses_and_the_key_stays_in_the_env(tmp_path, tiny_model_dir):
     """As a pod runs it: the operator renders WANDB_API_KEY from the Secret (secretKeyRef) and
     the W&B settings as plain env; the trainer gets that env, never the key in its config."""
@@ -117,13 +131,7 @@ def test_wandb_offline_run_holds_the_losses_and_the_key_stays_in_the_env(tmp_pat
     out = tmp_path / "out"
     (run_dir,) = glob.glob(f"{out}/wandb-runs/wandb/offline-run-*")
     records = wandb_records(run_dir)
-    history = {}
-    for record in records:
-        if record.WhichOneof("record_type") == "history":
-            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-            if "train/loss" in items:
-                history[items["_step"]] = items["train/loss"]
-    assert history == pytest.approx(losses(out), rel=1e-6)
+    assert wandb_losses(records) == pytest.approx(losses(out), rel=1e-6)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.display_name == "offline-run" and run.project == "llm"
     config = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "config"
@@ -134,3 +142,71 @@ def test_wandb_offline_run_holds_the_losses_and_the_key_stays_in_the_env(tmp_pat
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
     assert key not in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------------- resumed
+
+
+def offline_run_id(out) -> str:
+    """The id in the offline run folder's name (offline-run-<time>-<id>): there once the run
+    starts, whatever a SIGKILL left unflushed in its .wandb file."""
+    (run_dir,) = glob.glob(f"{out}/wandb-runs/wandb/offline-run-*")
+    return run_dir.rsplit("-", 1)[-1]
+
+
+def wandb_run_and_history(out) -> tuple[str, dict[int, float]]:
+    """The offline run's id (its run record's) and its train/loss per step."""
+    (run_dir,) = glob.glob(f"{out}/wandb-runs/wandb/offline-run-*")
+    records = wandb_records(run_dir)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run_dir.endswith(f"-{run.run_id}")
+    return run.run_id, wandb_losses(records)
+
+
+def event_files(bucket: Bucket) -> list[str]:
+    return [key for key in bucket.objects() if key.startswith(f"{c.TENSORBOARD_KEY}/")]
+
+
+def test_a_resumed_attempt_continues_tensorboard_and_the_wandb_run(tmp_path, tiny_model_dir, s3_bucket, s3_endpoint,
+                                                                   monkeypatch):
+    """SIGKILL once a checkpoint is complete (whatever TensorBoard had published by then), a new
+    pod with an empty disk: TensorBoard, read from storage as `tensorboard --logdir s3://` would,
+    holds every step once (the new event file purges and replays from the kept history), and
+    W&B goes on under the same run id, from the step after the checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    bucket = Bucket(s3_endpoint, s3_bucket, "team-a/chat-tune")
+    max_steps = 160
+    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=max_steps, save_steps=4,
+                          output={"report_to": ["tensorboard", "wandb"], "run_name": "resumed-run"})
+    env = trainer_env(**{c.ENV_WANDB_MODE: "offline", c.ENV_WANDB_PROJECT: "llm", c.ENV_JOB_NAME: "chat-tune"})
+    log = tmp_path / "attempt-1.log"
+    proc = start_train(config, log, env)
+    wait_until(lambda: bucket.complete() and event_files(bucket), proc, log,
+               "a complete checkpoint and an event file in storage")
+    kill_pod(proc)
+    newest = bucket.complete()[-1]
+    assert newest < max_steps, "the first attempt finished before it was killed"
+    first_id = offline_run_id(output_dir(config))
+    saved = json.loads(bucket.read(f"checkpoints/checkpoint-{newest}/{c.TRACKING_STATE_FILE}"))
+    assert saved["wandb"] == {"run_id": first_id}  # the id travels with the checkpoint
+    killed = new_pod_disk(config)
+
+    results = run_to_end(config, tmp_path / "attempt-2.log", env)
+    assert results["resumed_from"].endswith(f"checkpoint-{newest}")
+    out = output_dir(config)
+    before = {s: v for s, v in losses(killed).items() if s <= newest}
+    after = {s: v for s, v in losses(out).items() if s > newest}
+
+    monkeypatch.setenv("S3_ENDPOINT", s3_endpoint)
+    prefix = f"{bucket.uri}/{c.TENSORBOARD_KEY}"
+    assert len(event_files(bucket)) == 2, "one event file per attempt"
+    events = EventAccumulator(prefix, size_guidance={"scalars": 0})
+    events.Reload()
+    points = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in points] == list(range(1, max_steps + 1)), "a step missing or shown twice"
+    assert dict(points) == pytest.approx({**before, **after}, rel=1e-6)
+
+    resumed_id, history = wandb_run_and_history(out)
+    assert resumed_id == first_id, "the resumed attempt started a second W&B run"
+    assert history == pytest.approx(after, rel=1e-6)  # W&B keeps the earlier attempt's steps itself

@@ -255,3 +255,49 @@ def test_a_resumed_run_replays_the_kept_history_to_trackers_that_dedupe():
     (replay,) = [c for c in replaying.calls if c[0] == "log_history"]
     assert replay[1] == [({"loss": 3.0}, 1, 2.0), ({"loss": 2.5, "eval_loss": 2.7}, 2, 3.0)]
     assert not [c for c in plain.calls if c[0] == "log_history"]
+
+
+def test_tensorboard_replays_the_history_under_its_own_names_from_the_purge_step():
+    """A resumed TensorBoard event file hides every earlier point from its purge_step on, so it
+    must carry the history from there: the first kept step with figures, or the step after the
+    checkpoint when none was kept (that step itself was logged by the earlier attempt)."""
+    from finetune_trainer.tracking import purge_step
+
+    kept = [{"step": 0, "time": 1.0, "loss": None, "data": {}}, {"step": 1, "time": 2.0, "loss": 3.0},
+            {"step": 2, "time": 3.0, "loss": 2.5, "eval_loss": 2.7}]
+    assert purge_step("/out/checkpoint-2", kept) == 1
+    assert purge_step("/out/checkpoint-40", []) == 41
+    assert purge_step(None, kept) is None
+    board = Recorder()
+    board.name, board.replays_history = "tensorboard", True
+    tracking = Tracking([TrackerWorker(board)], params={}, config={}, resume_state=None, history=kept)
+    tracking.finish(ok=True)
+    (replay,) = [c for c in board.calls if c[0] == "log_history"]
+    assert replay[1] == [({"train/loss": 3.0}, 1, 2.0), ({"train/loss": 2.5, "eval/loss": 2.7}, 2, 3.0)]
+
+
+def test_a_tracker_whose_id_is_ours_has_it_in_the_first_checkpoint(tmp_path):
+    """W&B's run id is chosen before wandb.init returns (seconds): a checkpoint saved while it is
+    still starting carries the id, so a resume from it continues that run, not a new one."""
+    from types import SimpleNamespace
+
+    class Planned(Recorder):
+        name = "wandb"
+
+        def plan(self, state):
+            return {"run_id": (state or {}).get("run_id") or "ours-123"}
+
+    hang = threading.Event()
+    fresh, resumed = Planned(hang=hang), Planned(hang=hang)
+    try:
+        first = Tracking([TrackerWorker(fresh)], params={}, config={}, resume_state=None)
+        again = Tracking([TrackerWorker(resumed)], params={}, config={}, resume_state={"wandb": {"run_id": "w-1"}})
+        for tracking, step in ((first, 4), (again, 8)):
+            (tmp_path / f"checkpoint-{step}").mkdir()
+            tracking.on_save(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=step), None)
+        assert read_state(tmp_path / "checkpoint-4") == {"wandb": {"run_id": "ours-123"}}  # start still hangs
+        assert read_state(tmp_path / "checkpoint-8") == {"wandb": {"run_id": "w-1"}}
+    finally:
+        hang.set()
+        first.finish(ok=True)
+        again.finish(ok=True)

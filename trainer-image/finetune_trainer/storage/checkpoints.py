@@ -9,8 +9,10 @@ Layout under the run's store (`<storage_uri>`):
 
 Multi-node: each node's local rank 0 uploads the files its node wrote and then its part list;
 global rank 0 (node 0) waits until every node's part list for the same `attempt` is there, merges
-them and writes the manifest. A kill at any moment leaves no manifest, so nothing half-written
-is ever resumed.
+them and writes the manifest. A node whose uploader dropped a checkpoint for a newer save (it
+keeps only the newest pending) writes a part saying so (`skipped`): node 0 stops waiting for it
+and leaves that checkpoint incomplete. A kill at any moment leaves no manifest, so nothing
+half-written is ever resumed.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ _CHECKPOINT_KEY = re.compile(rf"^{CHECKPOINTS}/checkpoint-(\d+)/(.+)$")
 
 class ChecksumMismatch(StorageError):
     """A downloaded file's sha256 or size differs from its manifest."""
+
+
+class CheckpointSkipped(StorageError):
+    """Another node never uploaded its files of this checkpoint (a newer save superseded it
+    there before its upload began): it cannot be completed, and nothing is lost by that."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +219,12 @@ def upload_checkpoint(
     return manifest
 
 
+def report_skipped(store: ObjectStore, step: int, *, node_rank: int, attempt: str) -> None:
+    """A node other than 0 says it will never upload its files of checkpoint `step`."""
+    part = {"node_rank": node_rank, "attempt": attempt, "skipped": True, "files": []}
+    store.put_bytes(json.dumps(part).encode(), join_key(checkpoint_prefix(step), PARTS, f"{node_rank}.json"))
+
+
 def write_local_manifest(local_dir: str | os.PathLike, step: int, epoch: float | None, *,
                          config: dict | None = None) -> Manifest:
     """A run without object storage: the same manifest (files, sizes, sha256, the config),
@@ -233,6 +246,9 @@ def _gather_parts(store: ObjectStore, step: int, num_nodes: int, attempt: str, t
             raw = json.loads(store.get_bytes(info.key))
             if raw.get("attempt") == attempt:
                 parts[int(raw["node_rank"])] = raw
+        if skipped := sorted(rank for rank, part in parts.items() if part.get("skipped")):
+            raise CheckpointSkipped(f"checkpoint-{step}: node(s) {skipped} skipped it for a newer save; "
+                                    "it stays incomplete (retention removes its files)")
         missing = sorted(set(range(num_nodes)) - set(parts))
         if not missing:
             break

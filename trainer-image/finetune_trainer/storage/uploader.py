@@ -5,6 +5,8 @@ Only the newest pending checkpoint is kept: a newer save supersedes one still wa
 An outage longer than the store's retry budget does not raise into training: the uploader
 turns `degraded` (with the last error), keeps the checkpoint pending and tries again at the
 next `submit` (or at `wait`), so the newest checkpoint always reaches the store once it is back.
+On a node other than 0, a checkpoint dropped that way is reported to storage (see checkpoints.py),
+so node 0 never waits for a part that will not come.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..contract import world
-from .checkpoints import Manifest, apply_retention, checkpoint_prefix, upload_checkpoint, write_local_manifest
+from .checkpoints import (
+    CheckpointSkipped,
+    Manifest,
+    apply_retention,
+    checkpoint_prefix,
+    report_skipped,
+    upload_checkpoint,
+    write_local_manifest,
+)
 from .stores import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
@@ -81,6 +91,7 @@ class BackgroundUploader:
         self._last_error: str | None = None
         self._last_step: int | None = None
         self._newest: int | None = None  # newest step submitted: an older one never overwrites it
+        self._skipped: list[int] = []  # superseded steps node 0 must hear of (see _report_skipped)
         self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
         self._thread.start()
 
@@ -95,6 +106,7 @@ class BackgroundUploader:
             self._newest = step
             if self._pending is not None and self._pending.step != step:
                 log.info("checkpoint-%d superseded by checkpoint-%d before its upload began", self._pending.step, step)
+                self._skipped.append(self._pending.step)
             self._pending = UploadJob(Path(local_dir), step, epoch)
             self._go = True
             self._cond.notify_all()
@@ -152,9 +164,12 @@ class BackgroundUploader:
                 if self._pending is None or not self._go:
                     return  # closed, nothing to do
                 job, self._pending, self._current, self._go = self._pending, None, self._pending, False
-            ok = self._upload(job)
+                skipped, self._skipped = self._skipped, []
+            ok = self._upload(job, skipped)
             with self._cond:
                 self._current = None
+                if not ok:
+                    self._skipped[:0] = skipped  # said again before the next try
                 if not ok and self._pending is None:
                     self._pending = job  # kept; tried again at the next submit or wait
                 self._cond.notify_all()
@@ -172,16 +187,27 @@ class BackgroundUploader:
         except Exception:
             log.exception("before_upload hook failed for checkpoint-%d", step)
 
-    def _upload(self, job: UploadJob) -> bool:
+    def _report_skipped(self, steps: list[int]) -> None:
+        """Node 0 may be waiting for this node's part of a checkpoint it dropped for a newer one
+        (CI saw node 0 wait out its whole parts timeout): say so first, before the newer upload."""
+        if self.num_nodes > 1 and self.node_rank != 0:
+            for step in steps:
+                report_skipped(self.store, step, node_rank=self.node_rank, attempt=self.attempt)
+
+    def _upload(self, job: UploadJob, skipped: list[int] = ()) -> bool:
         if self.store is None:  # no object storage: the folder's manifest is all there is to write
             return self._write_manifest(job)
         try:
+            self._report_skipped(list(skipped))
             self._before_upload(job.step)
             manifest = upload_checkpoint(
                 self.store, job.local_dir, job.step, job.epoch,
                 node_rank=self.node_rank, num_nodes=self.num_nodes,
                 attempt=self.attempt, parts_timeout=self.parts_timeout, config=self.config,
             )
+        except CheckpointSkipped as exc:  # node 0: another node moved on to a newer save
+            log.warning("%s", exc)
+            return True
         except Exception as exc:
             if not job.local_dir.is_dir():  # the trainer's own rotation removed it; a newer one exists
                 log.warning("checkpoint %s vanished locally before its upload finished; skipped", job.local_dir)

@@ -10,7 +10,10 @@ train.py calls, in this order:
 Each tracker has its own thread and queue (worker.py): one that is down or slow never fails
 or stalls training; the progress report says so (status.progress.trackerDegraded).
 A resumed run continues the same tracker runs: their ids are saved in every checkpoint
-(tracking.json) and read back from the one the run resumes from.
+(tracking.json) and read back from the one the run resumes from. W&B's id is ours, chosen before
+its run starts, so even the first checkpoint has it; MLflow's comes from the server, so a
+checkpoint saved before the run existed has none, and the resumed attempt finds the run by the
+FineTuneJob's uid tag.
 """
 
 from __future__ import annotations
@@ -51,13 +54,17 @@ class Tracking(TrainerCallback):
         self.flush_seconds = flush_seconds
         self._final: dict[str, Any] = {}
         for worker in workers:
-            worker.submit("start", (resume_state or {}).get(worker.name))
+            saved = (resume_state or {}).get(worker.name)
+            if hasattr(type(worker.tracker), "plan"):  # an id of ours (W&B): in the very first checkpoint
+                worker.state = worker.tracker.plan(saved)
+            worker.submit("start", saved)
             worker.submit("log_params", params, config)  # MLflow and W&B skip it on a resumed run
             if history and getattr(worker.tracker, "replays_history", False):
                 # A SIGKILLed attempt may not have delivered its last figures before the checkpoint;
-                # metrics.jsonl has them. MLflow keeps identical points once, so a replay only fills gaps.
+                # metrics.jsonl has them. MLflow keeps identical points once, so a replay only fills
+                # gaps; TensorBoard's new event file purges the earlier ones from the first replayed step.
                 worker.submit("log_history", [(numbers, int(r["step"]), float(r["time"])) for r in history
-                                              if (numbers := figures(r, sectioned=False))])
+                                              if (numbers := named_figures(worker, r))])
 
     @property
     def names(self) -> list[str]:
@@ -68,8 +75,7 @@ class Tracking(TrainerCallback):
     def record(self, record: Mapping[str, Any]) -> None:
         """A metrics.jsonl record (MetricsCallback sink): to every tracker, without waiting."""
         for worker in self.workers:
-            numbers = figures(record, sectioned=worker.name != "mlflow")
-            if numbers:
+            if numbers := named_figures(worker, record):
                 worker.submit("log_metrics", numbers, int(record["step"]), float(record["time"]))
 
     def log_evaluation(self, rows: list[dict[str, Any]]) -> None:
@@ -129,6 +135,21 @@ class Tracking(TrainerCallback):
             worker.submit("checkpoint", state.global_step)
 
 
+def named_figures(worker: TrackerWorker, record: Mapping[str, Any]) -> dict[str, float]:
+    """MLflow keeps metrics.jsonl's names; TensorBoard and W&B group them as train/... and eval/..."""
+    return figures(record, sectioned=worker.name != "mlflow")
+
+
+def purge_step(resume: str | None, history: list[Mapping[str, Any]]) -> int | None:
+    """Where a resumed run's TensorBoard event file starts: every earlier point from there on is
+    hidden. The history it replays begins there; without one, at the step after the checkpoint
+    (the checkpoint's own step was trained and logged by the earlier attempt)."""
+    if not resume:
+        return None
+    steps = [int(r["step"]) for r in history if figures(r, sectioned=False)]
+    return min(steps) if steps else int(Path(resume).name.rsplit("-", 1)[-1]) + 1
+
+
 def read_state(checkpoint: str | Path | None) -> dict[str, Any] | None:
     """The trackers' run ids saved in the checkpoint a run resumes from."""
     path = Path(checkpoint) / TRACKING_STATE_FILE if checkpoint else None
@@ -166,10 +187,11 @@ def open_tracking(cfg: FineTuneConfig, output_dir: Path, *, resume: str | None, 
         raise ConfigError(issues)
     name, tags = run_name(cfg.output.run_name, env, output_dir), job_tags(env)
     tags = {**tags, "finetune.dev/method": cfg.fine_tuning.method, "finetune.dev/base-model": cfg.model.base_model}
-    purge = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else None
+    history = list(history) if resume else []
+    purge = purge_step(resume, history)
     make = {
         "tensorboard": lambda: TensorBoardTracker(output_dir / TENSORBOARD_DIR, store=store, purge_step=purge),
-        "mlflow": lambda: MlflowTracker(run_name=name, tags=tags),
+        "mlflow": lambda: MlflowTracker(run_name=name, tags=tags, resuming=bool(resume)),
         "wandb": lambda: WandbTracker(run_name=name, tags=tags, directory=output_dir / WANDB_DIR),
     }
     config = cfg.model_dump(mode="json")
@@ -177,4 +199,4 @@ def open_tracking(cfg: FineTuneConfig, output_dir: Path, *, resume: str | None, 
     workers = [TrackerWorker(make[n]()) for n in report_to]
     log.info("reporting to %s as run %r", ", ".join(report_to), name)
     return Tracking(workers, params=flatten(config), config=config, resume_state=read_state(resume),
-                    flush_seconds=flush, history=list(history) if resume else [])
+                    flush_seconds=flush, history=history)

@@ -12,6 +12,7 @@ from typing import Any
 from ..contract import ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_JOB_UID
 
 TAG_PREFIX = "finetune.dev/"
+JOB_UID_TAG = f"{TAG_PREFIX}job-uid"  # finds the run of a job whose checkpoint predates its id
 # metrics.jsonl key -> the name under TensorBoard and W&B (transformers' rewrite_logs: train/..., eval/...)
 SECTIONED = {
     "loss": "train/loss",

@@ -26,7 +26,7 @@ from ..contract import (
     ENV_WANDB_PROJECT,
     TENSORBOARD_KEY,
 )
-from .records import evaluation_markdown
+from .records import JOB_UID_TAG, evaluation_markdown
 
 log = logging.getLogger("finetune_trainer.tracking")
 
@@ -49,8 +49,9 @@ class MlflowTracker:
     name = "mlflow"
     replays_history = True  # identical metric points are stored once: a resume can refill gaps
 
-    def __init__(self, *, run_name: str, tags: dict[str, str]):
+    def __init__(self, *, run_name: str, tags: dict[str, str], resuming: bool = False):
         self.run_name, self.tags = run_name, tags
+        self.resuming = resuming  # the run resumes from a checkpoint (which may predate the run's id)
         self.client: Any = None
         self.run_id: str | None = None
         self.resumed = False
@@ -75,11 +76,25 @@ class MlflowTracker:
             name = os.environ.get(ENV_MLFLOW_EXPERIMENT_NAME) or MLFLOW_DEFAULT_EXPERIMENT
             experiment = self.client.get_experiment_by_name(name)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
-            self.run_id = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
+            if self.resuming and (earlier := self._run_of_this_job(experiment_id)):
+                self.client.update_run(earlier, status="RUNNING")
+                self.run_id, self.resumed = earlier, True
+            else:
+                self.run_id = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
         # Unset MLFLOW_TRACKING_URI means mlflow's local default: say where the run went.
         log.info("mlflow: %s run %s at %s", "resumed" if self.resumed else "started", self.run_id,
                  self.client.tracking_uri)
         return {"run_id": self.run_id}
+
+    def _run_of_this_job(self, experiment_id: str) -> str | None:
+        """The newest run tagged with this FineTuneJob's uid: the one an earlier attempt created
+        after the checkpoint this attempt resumes from was saved (so it carries no run id)."""
+        uid = self.tags.get(JOB_UID_TAG)
+        if not uid:
+            return None
+        runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{JOB_UID_TAG}` = '{uid}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
 
     def log_params(self, params: dict[str, str], config: dict[str, Any]) -> None:
         if self.resumed:
@@ -119,6 +134,7 @@ class TensorBoardTracker:
     so `tensorboard --logdir s3://.../tensorboard` follows a run on the cluster."""
 
     name = "tensorboard"
+    replays_history = True  # its event file starts with purge_step, the first replayed step
 
     def __init__(self, log_dir: Path, *, store: Any = None, purge_step: int | None = None,
                  publish_every: float = TENSORBOARD_PUBLISH_SECONDS, clock=time.monotonic):
@@ -131,8 +147,8 @@ class TensorBoardTracker:
     def start(self, state: dict[str, Any] | None) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: a resumed run's new event file makes TensorBoard drop the steps an earlier
-        # attempt logged after the checkpoint, as they are trained again.
+        # purge_step: a resumed run's new event file makes TensorBoard drop what earlier attempts
+        # logged from that step on: the history it replays, and the steps trained again.
         self.writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step)
         return {}
 
@@ -145,6 +161,11 @@ class TensorBoardTracker:
             self.writer.add_scalar(key, value, global_step=step, walltime=wall_time)
         if self.clock() - self._last_publish >= self.publish_every:
             self.publish()
+
+    def log_history(self, points: list[tuple[dict[str, float], int, float]]) -> None:
+        for figures, step, wall_time in points:
+            for key, value in figures.items():
+                self.writer.add_scalar(key, value, global_step=step, walltime=wall_time)
 
     def log_evaluation(self, rows: list[dict[str, Any]]) -> None:
         self.writer.add_text("evaluation", evaluation_markdown(rows))
@@ -192,19 +213,26 @@ class WandbTracker:
     def __init__(self, *, run_name: str, tags: dict[str, str], directory: Path):
         self.run_name, self.tags, self.directory = run_name, tags, Path(directory)
         self.run: Any = None
+        self.run_id: str | None = None
         self.resumed = False
+
+    def plan(self, state: dict[str, Any] | None) -> dict[str, Any]:
+        """The id, known before wandb.init returns (seconds): a checkpoint saved meanwhile carries it."""
+        self.resumed = bool((state or {}).get("run_id"))
+        self.run_id = (state or {}).get("run_id") or new_wandb_id()
+        return {"run_id": self.run_id}
 
     def start(self, state: dict[str, Any] | None) -> dict[str, Any]:
         import wandb
 
-        run_id = (state or {}).get("run_id")
-        self.resumed = bool(run_id)
+        if self.run_id is None:
+            self.plan(state)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=os.environ.get(ENV_WANDB_PROJECT) or WANDB_DEFAULT_PROJECT,
             entity=os.environ.get(ENV_WANDB_ENTITY) or None,
             name=self.run_name,
-            id=run_id or new_wandb_id(),
+            id=self.run_id,
             resume="allow",
             tags=[f"{k.rsplit('/', 1)[-1]}:{v}"[:64] for k, v in self.tags.items()],
             dir=str(self.directory),
