@@ -370,3 +370,27 @@ def test_a_checkpoint_another_node_skipped_never_holds_node_0(tmp_path, caplog):
         hold.set()
         node0.close(5)
         node1.close(5)
+
+
+def test_a_checkpoint_that_vanished_on_another_node_never_holds_node_0(tmp_path, caplog):
+    """The trainer's rotation removed node 1's folder before its upload: node 1 says it skipped
+    that checkpoint, so node 0 moves on at once rather than waiting out its parts timeout."""
+    import shutil
+
+    store = open_store((tmp_path / "store").as_uri(), retry=FAST)
+    node0 = BackgroundUploader(store, node_rank=0, num_nodes=2, attempt="a", parts_timeout=600)
+    node1 = BackgroundUploader(store, node_rank=1, num_nodes=2, attempt="a", parts_timeout=600,
+                               before_upload=lambda step: shutil.rmtree(tmp_path / "node-1" / f"checkpoint-{step}"))
+    try:
+        folder = tmp_path / "node-1" / "checkpoint-1"
+        folder.mkdir(parents=True)
+        (folder / "rng_state_1.pth").write_bytes(os.urandom(512))
+        node1.submit(folder, 1, 0.5)
+        assert node1.wait(60) and "vanished locally" in caplog.text
+        node0.submit(make_checkpoint(tmp_path / "node-0", 1), 1, 0.5)
+        assert node0.wait(120), "node 0 still waiting for node 1's part of checkpoint-1"
+        assert list_complete(store) == [] and not node0.degraded
+        assert "checkpoint-1: node(s) [1] skipped it" in caplog.text
+    finally:
+        node0.close(5)
+        node1.close(5)

@@ -200,6 +200,8 @@ def upload_checkpoint(
     the same step are ignored). `parts_timeout`: how long node 0 waits for the other nodes.
     """
     local_dir = Path(local_dir)
+    if not local_dir.is_dir():  # an empty part list would make a "complete" checkpoint lacking this node's files
+        raise FileNotFoundError(f"checkpoint folder {local_dir} does not exist")
     rel_paths = sorted(files) if files is not None else local_files(local_dir)
     prefix = checkpoint_prefix(step)
     # re-saving a step (resume, preemption): it stops being complete before any file changes;

@@ -211,6 +211,10 @@ class BackgroundUploader:
         except Exception as exc:
             if not job.local_dir.is_dir():  # the trainer's own rotation removed it; a newer one exists
                 log.warning("checkpoint %s vanished locally before its upload finished; skipped", job.local_dir)
+                try:
+                    self._report_skipped([job.step])
+                except StorageError as exc:  # node 0 then waits out its parts timeout for this one
+                    log.warning("could not tell node 0 that checkpoint-%d was skipped: %s", job.step, exc)
                 return True
             with self._cond:
                 if not self._degraded:
