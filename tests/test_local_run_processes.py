@@ -163,6 +163,8 @@ def test_a_model_volume_claim_is_a_local_folder(tmp_path):
     assert parse_volumes(["base-models=~/m"]) == {"base-models": Path("~/m").expanduser()}
     with pytest.raises(ConfigError):
         parse_volumes(["base-models"])
+    with pytest.raises(ConfigError, match="base-models is given twice"):  # not the last one silently
+        parse_volumes(["base-models=/a", "base-models=/b"])
 
 
 @pytest.mark.parametrize(

@@ -479,3 +479,23 @@ def test_storage_down_during_the_fetch_exits_retryable(tmp_path, tiny_model_dir,
     err = capsys.readouterr().err
     assert "so the job retries" in err and "models/tiny" in err
     assert not list((tmp_path / "cache").glob("*/" + MODEL_MANIFEST_FILE))  # nothing half-fetched is trusted
+
+
+def test_a_mirror_of_the_same_files_under_another_revision_name_is_renamed_not_left(tmp_path):
+    """The other nodes wait for the mirror of the revision *they* were asked for: the same files
+    asked for as another name (unset, then the commit) get a manifest with that name, without a
+    second upload of the files, or those nodes would wait out WAIT_SECONDS and exit 170."""
+    from finetune_trainer.storage import open_store
+    from finetune_trainer.storage.checkpoints import hash_files
+
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / "model.safetensors").write_bytes(os.urandom(256))
+    mirror = open_store((tmp_path / "mirror").as_uri())
+    first = fetch.ModelManifest(source="org/m", revision="a" * 40, requested=None,
+                                files=tuple(hash_files(entry, ["model.safetensors"])))
+    fetch.publish_mirror(mirror, entry, first)
+    assert fetch.mirrored(mirror, "org/m", None)
+    (entry / "model.safetensors").unlink()  # a second upload of the files would fail now
+    fetch.publish_mirror(mirror, entry, fetch.replace(first, requested="a" * 40))
+    assert fetch.mirrored(mirror, "org/m", "a" * 40) and not fetch.mirrored(mirror, "org/m", None)

@@ -439,8 +439,9 @@ def reconciles(memo: kopf.Memo, **_: Any) -> int:
 def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Read (kopf's body) -> decide (reconcile_job: render, checks, apply) -> write status once,
     and post the Events of what was written."""
-    with timed(memo, "reconcile"):
-        _reconcile_handler(body, memo, logger, getattr(memo, "metrics", None))
+    metrics = operator_metrics(memo)
+    with timed(metrics, "reconcile"):
+        _reconcile_handler(body, memo, logger, metrics)
 
 
 def _reconcile_handler(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, metrics: Any) -> None:
@@ -473,17 +474,21 @@ def owner_needs_sync(type: str | None, body: kopf.Body, **_: Any) -> bool:
 
 def workload_event(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Mirror the workload's state onto its FineTuneJob (a relist every watch restart resyncs)."""
-    metrics = getattr(memo, "metrics", None)
+    metrics = operator_metrics(memo)
     try:
-        with timed(memo, "workload_event"):
+        with timed(metrics, "workload_event"):
             sync_owner_status(memo.kube, as_job(body), logger, metrics, operator_default_storage(memo))
     except ApiError as err:
         logger.warning(f"could not update the FineTuneJob's status: {err}")
 
 
-def timed(memo: kopf.Memo, handler: str) -> Any:
-    """The handler's time into the reconcile histogram (a memo without metrics: not timed)."""
-    metrics = getattr(memo, "metrics", None)
+def operator_metrics(memo: kopf.Memo) -> Any:
+    """The operator's Prometheus metrics (None: a memo without them, as in tests of one handler)."""
+    return getattr(memo, "metrics", None)
+
+
+def timed(metrics: Any, handler: str) -> Any:
+    """The handler's time into the reconcile histogram (no metrics: not timed)."""
     return metrics.timed(handler) if metrics is not None else contextlib.nullcontext()
 
 
@@ -496,7 +501,7 @@ def operator_default_storage(memo: kopf.Memo) -> StorageSpec | None:
 def serve_metrics(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """/metrics in the Prometheus text format, from start to cleanup (memo.metrics_address)."""
     address = getattr(memo, "metrics_address", None)
-    if address and getattr(memo, "metrics", None) is not None:
+    if address and operator_metrics(memo) is not None:
         from .metrics import serve
 
         memo.metrics_server = serve(memo.metrics, address)

@@ -57,7 +57,7 @@ from finetune_trainer.config.loader import parse_yaml
 from finetune_trainer.cpu_threads import set_threads_env
 
 from finetune_trainer import contract as c
-from .render import RenderSettings, render
+from .render import RenderSettings, is_under, render
 from .spec import ModelCacheSpec, ModelVolumeSpec, StorageSpec
 
 TRAINER_MODULE = "finetune_trainer.cli"
@@ -154,7 +154,7 @@ def _local_claims(spec: Mapping[str, Any], config: dict[str, Any], volumes: dict
                for claim, folder in volumes.items() if claim in claims and not Path(folder).is_dir()]
     for key in ("base_model", "tokenizer") if volume else ():
         path = config["model"].get(key)
-        if not (isinstance(path, str) and (path == volume.mount_path or path.startswith(volume.mount_path + "/"))):
+        if not (isinstance(path, str) and is_under(path, volume.mount_path)):
             continue
         if volume.claim_name not in volumes:
             issues.append(ConfigIssue(f"spec.model.{key}", f"{path} is on the claim {volume.claim_name}, which this "
@@ -369,6 +369,8 @@ def parse_volumes(values: list[str]) -> dict[str, Path]:
         claim, sep, folder = value.partition("=")
         if not (sep and claim and folder):
             issues.append(ConfigIssue("--volume", f"must be CLAIM=DIR (got {value!r})"))
+        elif claim in out:
+            issues.append(ConfigIssue("--volume", f"{claim} is given twice ({out[claim]} and {folder}); give each claim once"))
         out[claim] = Path(folder).expanduser()
     if issues:
         raise ConfigError(issues)

@@ -64,9 +64,9 @@ def load_document(
         return None
     loaded = validate_manifest(doc, overrides, mode=mode, base_dir=base_dir)
     if mode == "validate":  # what the operator would refuse anyway, said now (not for a local `train -f`)
-        from .render import RenderSettings, env_issues, spec_issues  # render builds on this module
+        from .render import RenderSettings, spec_issues, untyped_issues  # render builds on this module
 
-        issues = [*env_issues(doc["spec"].get("env")), *spec_issues(loaded.config, RenderSettings())]
+        issues = [*untyped_issues(doc), *spec_issues(loaded.config, RenderSettings())]
         if issues:
             raise ConfigError(issues, loaded.warnings)
     return loaded

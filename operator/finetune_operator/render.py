@@ -90,9 +90,7 @@ class RenderSettings:
 def check(job: dict[str, Any], settings: RenderSettings, backend: Backend | None = None) -> LoadedConfig:
     """The job's spec, checked like `finetune validate` does plus the cluster's own rules
     (and, given the backend it will run on, what that backend cannot do)."""
-    raw_spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
-    raw_name = (job.get("metadata") or {}).get("name") if isinstance(job.get("metadata"), dict) else None
-    untyped = [*name_issues(raw_name), *env_issues(raw_spec.get("env"))]  # need no valid spec: reported with its errors
+    untyped = untyped_issues(job)
     try:
         loaded = validate_manifest(job, mode="validate", base_dir=Path(c.CONFIG_DIR))
     except ConfigError as exc:
@@ -104,6 +102,13 @@ def check(job: dict[str, Any], settings: RenderSettings, backend: Backend | None
     if issues:
         raise ConfigError(issues, loaded.warnings)
     return loaded
+
+
+def untyped_issues(job: dict[str, Any]) -> list[ConfigIssue]:
+    """The rules that need no valid spec (the name, spec.env): reported beside the schema's errors."""
+    raw_spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
+    raw_name = (job.get("metadata") or {}).get("name") if isinstance(job.get("metadata"), dict) else None
+    return [*name_issues(raw_name), *env_issues(raw_spec.get("env"))]
 
 
 def spec_issues(spec: FineTuneJobSpec, settings: RenderSettings) -> list[ConfigIssue]:
@@ -184,7 +189,8 @@ def backend_issues(spec: FineTuneJobSpec, backend: Backend) -> list[ConfigIssue]
     return issues
 
 
-def _under(path: str, root: str) -> bool:
+def is_under(path: str, root: str) -> bool:
+    """`path` is `root` or inside it (POSIX paths as written, no normalising)."""
     return path == root or path.startswith(root + "/")
 
 
@@ -197,12 +203,12 @@ def model_volume_issues(spec: FineTuneJobSpec, settings: RenderSettings) -> list
     pod_paths = () if settings.local_run else ("base_model", "tokenizer")
     for key in pod_paths:
         path = getattr(spec.model, key)
-        if path and path.startswith("/") and not (mount and _under(path, mount)):
+        if path and path.startswith("/") and not (mount and is_under(path, mount)):
             where = f"spec.model_volume.mount_path ({mount})" if mount else "the mount of spec.model_volume"
             issues.append(ConfigIssue(f"spec.model.{key}", f"{path} is a path in the pod, so it must lie under {where}: "
                                       "set spec.model_volume (claim_name, mount_path) to the PersistentVolumeClaim "
                                       "holding it, or name a Hugging Face model id"))
-    if mount and any(_under(mount, root) or _under(root, mount) for root in OPERATOR_MOUNTS):
+    if mount and any(is_under(mount, root) or is_under(root, mount) for root in OPERATOR_MOUNTS):
         issues.append(ConfigIssue("spec.model_volume.mount_path", f"{mount} overlaps a path the operator mounts "
                                   f"({', '.join(OPERATOR_MOUNTS)}): choose another, e.g. {c.MODEL_VOLUME_DIR}"))
     return issues

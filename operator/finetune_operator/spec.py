@@ -118,11 +118,13 @@ class ModelVolumeSpec(Section):
     )
     mount_path: NonEmptyStr = Field(
         default=c.MODEL_VOLUME_DIR, pattern=MOUNT_PATH, max_length=255,
-        description="Where the pods see the claim; an absolute model.base_model must lie under it.",
+        description="Where the pods see the claim: an absolute path without a trailing / (e.g. /models); an "
+        "absolute model.base_model must lie under it.",
     )
     read_only: bool = Field(default=True, description="Mount it read-only: the trainer only reads base models.")
     sub_path: NonEmptyStr | None = Field(
-        default=None, pattern=RELATIVE_PATH, description="A folder of the claim to mount instead of its root."
+        default=None, pattern=RELATIVE_PATH, description="A folder of the claim to mount instead of its root, relative to it "
+        "(no leading /, e.g. llama-3-8b)."
     )
 
     _paths = field_validator("mount_path", "sub_path")(_no_dot_segments)

@@ -89,8 +89,9 @@ PHASE_FAILED = "Failed"
 # The training operator's container name and replica label (kubeflow/training-operator v1):
 # PYTORCH_CONTAINER and REPLICA_TYPE_LABEL, from the contract (imported above).
 
-_SIGNALS = {130: "SIGINT", 134: "SIGABRT", 137: "SIGKILL", 139: "SIGSEGV", 143: "SIGTERM",
-            c.EXIT_UNAVAILABLE: "storage or model source unavailable"}
+# what a retryable exit code means: 128 + a signal, or one of ours
+_RETRYABLE_MEANINGS = {130: "SIGINT", 134: "SIGABRT", 137: "SIGKILL", 139: "SIGSEGV", 143: "SIGTERM",
+                       c.EXIT_UNAVAILABLE: "storage or model source unavailable"}
 
 
 # ------------------------------------------------------------------ inputs
@@ -163,8 +164,8 @@ class ExitInfo:
 
     def describe(self) -> str:
         kind = "retryable" if self.retryable else "permanent"
-        signal = _SIGNALS.get(self.exit_code)
-        parts = [f"exit code {self.exit_code} ({kind}{', ' + signal if signal else ''})"]
+        meaning = _RETRYABLE_MEANINGS.get(self.exit_code)
+        parts = [f"exit code {self.exit_code} ({kind}{', ' + meaning if meaning else ''})"]
         if self.reason:
             parts.append(f"reason {self.reason}")
         if self.pod:

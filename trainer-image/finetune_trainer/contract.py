@@ -353,3 +353,7 @@ def world(environ: Mapping[str, str] | None = None) -> World:
                  local_world_size=local_world or 1,
                  node_rank=number(ENV_NODE_RANK, "NODE_RANK", ENV_PET_NODE_RANK, ENV_JOB_COMPLETION_INDEX, default=0),
                  nodes=nodes)
+
+
+# A location that starts with one of these is a local path, never a Hub id or a dataset name.
+PATH_PREFIXES = ("/", "./", "../", "~")

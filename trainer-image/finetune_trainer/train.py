@@ -28,6 +28,7 @@ from .config import ConfigError, ConfigIssue, FineTuneConfig, dump_config
 from .config.rules import resolve_deepspeed_path, weights_sharded
 from .contract import CONFIG_FILE, EXIT_OK, EXIT_PERMANENT, EXIT_UNAVAILABLE, METRICS_FILE, RESULTS_FILE, world
 from .data import IGNORE_INDEX, DataError, data_collator, prepare_data
+from .storage.checkpoints import checkpoint_step
 from .storage.stores import StorageUnavailable
 from .training.arguments import training_arguments
 from .training.callbacks import (
@@ -307,7 +308,7 @@ def run_command(cfg: FineTuneConfig, *, base_dir: Path, **kwargs: Any) -> int:
     except (DataError, NonFiniteLossError) as exc:
         print(f"{_error_prefix()}: {exc}", file=sys.stderr)
         return EXIT_PERMANENT
-    except (StorageUnavailable, TimeoutError) as exc:  # an outage, or a peer that never finished the fetch
+    except StorageUnavailable as exc:  # an outage, or a peer that never finished the fetch (FetchTimeout)
         print(f"{_error_prefix()}: {exc}; exiting {EXIT_UNAVAILABLE} so the job retries", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except Exception as exc:  # noqa: BLE001 - one permanent class of our own, else re-raise
@@ -388,10 +389,6 @@ def seed_config(cfg: FineTuneConfig, *, base_dir: Path) -> FineTuneConfig:
     if isinstance(ds, str):
         data["distributed"]["deepspeed_config"] = str(resolve_deepspeed_path(ds, base_dir).resolve())
     return FineTuneConfig.model_validate(data)
-
-
-def checkpoint_step(path: str | Path) -> int:
-    return int(Path(path).name.rsplit("-", 1)[-1])
 
 
 def prepare_metrics_file(path: Path, *, resume_step: int | None) -> list[dict[str, Any]]:

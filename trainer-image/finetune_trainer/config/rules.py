@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from ..contract import PATH_PREFIXES
 from .issues import ConfigIssue
 from .schema import FineTuneConfig
 
@@ -54,7 +55,7 @@ def model_source_kind(name: str) -> SourceKind:
         return "builtin"
     if name.startswith(S3_PREFIX):
         return "s3"
-    if name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or Path(name).expanduser().is_dir():
+    if name.startswith(PATH_PREFIXES) or name.endswith(".gguf") or Path(name).expanduser().is_dir():
         return "local"
     return "hub"
 
@@ -318,7 +319,7 @@ def _looks_local(value: str, is_dir: bool) -> bool:
     """A local path (a folder always is; a data location may also be s3:// or a dataset ID)."""
     if value.startswith(S3_PREFIX):
         return False
-    return is_dir or value.endswith((".json", ".jsonl")) or value.startswith(("/", "./", "../", "~"))
+    return is_dir or value.endswith((".json", ".jsonl")) or value.startswith(PATH_PREFIXES)
 
 
 RULES: list[Rule] = [

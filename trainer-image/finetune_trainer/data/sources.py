@@ -26,13 +26,13 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..contract import PATH_PREFIXES
 from .errors import DataError
 
 JSON_SUFFIXES = (".json", ".jsonl")
 TABLE_SUFFIXES = (".parquet", ".csv")
 FILE_SUFFIXES = (*JSON_SUFFIXES, *(s + ".gz" for s in JSON_SUFFIXES), *TABLE_SUFFIXES)
 FILE_KINDS = ".json (a list of rows), .jsonl (one row per line), either gzipped (.gz), .parquet or .csv"
-PATH_PREFIXES = ("/", "./", "../", "~")
 
 
 class Rows(list):

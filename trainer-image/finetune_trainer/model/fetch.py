@@ -77,6 +77,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+class FetchTimeout(StorageUnavailable, TimeoutError):
+    """The rank that fetches never finished (its manifest never appeared): the model source is
+    unavailable to this rank, retryable like an outage (exit 170)."""
+
+
 WAIT_SECONDS = 7200.0  # how long a rank waits for the one that fetches (a 140 GB model at 100 MB/s: 25 min)
 POLL_SECONDS = 1.0
 # What a model folder needs (huggingface_hub's allow_patterns, and the filter on an s3:// listing):
@@ -295,7 +301,7 @@ class _Fetch:
         deadline = time.monotonic() + self.wait_seconds
         while (manifest := complete(entry)) is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(
+                raise FetchTimeout(
                     f"model: waited {self.wait_seconds:.0f} s for {self.who} to fetch {source} into {entry}, and "
                     f"its {MODEL_MANIFEST_FILE} is still not there; that process's log says why")
             time.sleep(self.poll_seconds)
@@ -360,7 +366,7 @@ class _Fetch:
         deadline = time.monotonic() + self.wait_seconds
         while not mirrored(mirror, repo, requested):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"model: waited {self.wait_seconds:.0f} s for node 0 to mirror {repo} to "
+                raise FetchTimeout(f"model: waited {self.wait_seconds:.0f} s for node 0 to mirror {repo} to "
                                    f"{mirror.uri}/, and its {MODEL_MANIFEST_FILE} is still not there; node 0's log says why")
             time.sleep(self.poll_seconds)
 
@@ -506,7 +512,9 @@ def publish_mirror(mirror: ObjectStore, entry: Path, manifest: ModelManifest) ->
     """Node 0: the cache folder to the job's mirror, its manifest last (once: a mirror that
     already holds these files is left alone)."""
     current = read_manifest(mirror)
-    if current is not None and current.files == manifest.files and current.source == manifest.source:
+    if current is not None and (current.files, current.source) == (manifest.files, manifest.source):
+        if current.requested != manifest.requested:  # the same files, asked for as another revision name:
+            mirror.put_bytes(manifest.to_json(), MODEL_MANIFEST_FILE)  # the others wait for this name
         return
     mirror.delete([MODEL_MANIFEST_FILE])  # not complete while it changes
     start = time.monotonic()

@@ -62,7 +62,7 @@ def resolve_model_source(base_model: str, *, field: str = "model.base_model") ->
     if kind == "s3":
         raise config_error(field, f"{base_model!r} is in object storage: `finetune train` fetches it before loading "
                            "(this command does not); give a local copy's path here")
-    if builtin.is_builtin(base_model):
+    if kind == "builtin":
         try:
             return builtin.resolve(base_model), None
         except (ValueError, FileNotFoundError) as exc:

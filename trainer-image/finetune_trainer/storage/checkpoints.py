@@ -101,6 +101,11 @@ class Manifest(JsonManifest):
         return f"checkpoint-{self.step}"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of a checkpoint folder (`.../checkpoint-<step>`)."""
+    return int(Path(path).name.rsplit("-", 1)[-1])
+
+
 def checkpoint_prefix(step: int) -> str:
     return f"{CHECKPOINTS}/checkpoint-{step}"
 

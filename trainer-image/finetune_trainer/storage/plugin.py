@@ -74,7 +74,7 @@ class StoragePlugin(CheckpointSyncCallback):
         chosen = None
         if world().rank == 0:
             path = find_resume_checkpoint(self.store, self.output_dir)
-            chosen = int(path.name.rsplit("-", 1)[-1]) if path else None
+            chosen = checkpoint_step(path) if path else None
         dist = _distributed()
         if dist is not None:
             box = [chosen]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,18 +187,18 @@ class BackgroundUploader:
         except Exception:
             log.exception("before_upload hook failed for checkpoint-%d", step)
 
-    def _report_skipped(self, steps: list[int]) -> None:
+    def _report_skipped(self, steps: Sequence[int]) -> None:
         """Node 0 may be waiting for this node's part of a checkpoint it dropped for a newer one
         (CI saw node 0 wait out its whole parts timeout): say so first, before the newer upload."""
         if self.num_nodes > 1 and self.node_rank != 0:
             for step in steps:
                 report_skipped(self.store, step, node_rank=self.node_rank, attempt=self.attempt)
 
-    def _upload(self, job: UploadJob, skipped: list[int] = ()) -> bool:
+    def _upload(self, job: UploadJob, skipped: Sequence[int] = ()) -> bool:
         if self.store is None:  # no object storage: the folder's manifest is all there is to write
             return self._write_manifest(job)
         try:
-            self._report_skipped(list(skipped))
+            self._report_skipped(skipped)
             self._before_upload(job.step)
             manifest = upload_checkpoint(
                 self.store, job.local_dir, job.step, job.epoch,
@@ -213,8 +213,8 @@ class BackgroundUploader:
                 log.warning("checkpoint %s vanished locally before its upload finished; skipped", job.local_dir)
                 try:
                     self._report_skipped([job.step])
-                except StorageError as exc:  # node 0 then waits out its parts timeout for this one
-                    log.warning("could not tell node 0 that checkpoint-%d was skipped: %s", job.step, exc)
+                except StorageError as err:  # node 0 then waits out its parts timeout for this one
+                    log.warning("could not tell node 0 that checkpoint-%d was skipped: %s", job.step, err)
                 return True
             with self._cond:
                 if not self._degraded:

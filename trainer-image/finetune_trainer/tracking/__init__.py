@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 
 from ..config import ConfigError, ConfigIssue, FineTuneConfig
 from ..contract import ENV_TRACKER_FLUSH_SECONDS, TRACKER_FLUSH_SECONDS, TRACKING_STATE_FILE, world
+from ..storage.checkpoints import checkpoint_step
 from .records import figures, flatten, job_tags, run_name
 from .worker import TrackerWorker
 
@@ -147,7 +148,7 @@ def purge_step(resume: str | None, history: list[Mapping[str, Any]]) -> int | No
     if not resume:
         return None
     steps = [int(r["step"]) for r in history if figures(r, sectioned=False)]
-    return min(steps) if steps else int(Path(resume).name.rsplit("-", 1)[-1]) + 1
+    return min(steps) if steps else checkpoint_step(resume) + 1
 
 
 def read_state(checkpoint: str | Path | None) -> dict[str, Any] | None:
@@ -176,7 +177,7 @@ def missing_packages(report_to: list[str]) -> list[ConfigIssue]:
 def open_tracking(cfg: FineTuneConfig, output_dir: Path, *, resume: str | None, store: Any = None,
                   environ: Mapping[str, str] | None = None, history: list[Mapping[str, Any]] = ()) -> Tracking:
     """The run's trackers; `history`: the metrics.jsonl records a resumed run kept (replayed to
-    trackers that deduplicate, see Tracking)."""
+    the trackers with `replays_history`, see Tracking)."""
     from .trackers import MlflowTracker, TensorBoardTracker, WandbTracker
 
     env = os.environ if environ is None else environ

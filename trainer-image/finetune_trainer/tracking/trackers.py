@@ -157,8 +157,7 @@ class TensorBoardTracker:
         self.writer.add_text("config", "| key | value |\n|---|---|\n" + rows, global_step=self.purge_step or 0)
 
     def log_metrics(self, figures: dict[str, float], step: int, wall_time: float) -> None:
-        for key, value in figures.items():
-            self.writer.add_scalar(key, value, global_step=step, walltime=wall_time)
+        self.log_history([(figures, step, wall_time)])
         if self.clock() - self._last_publish >= self.publish_every:
             self.publish()
 
