@@ -26,6 +26,7 @@ from ..config import FineTuneConfig
 from ..contract import FINAL_KEY, MERGED_DIR, METRICS_FILE, world
 from .callback import CheckpointSyncCallback, _distributed, keep_trying
 from .checkpoints import (
+    checkpoint_step,
     _read_manifest,
     download_checkpoint,
     find_resume_checkpoint,
