@@ -117,6 +117,34 @@ def test_file_store_writes_are_atomic_and_temp_files_are_invisible(tmp_path):
     assert not (tmp_path / "root" / "c" / "done").exists()
 
 
+def test_file_store_writes_survive_a_concurrent_delete_pruning_their_folder(tmp_path):
+    """Two nodes share a file:// store: one deleting the last object of a folder (the folder
+    goes, as on S3) while the other starts a write there must not fail that write (CI saw node 0's
+    checkpoint upload fail with ENOENT on its temp file as node 1 deleted the stale manifest)."""
+    import threading
+
+    store = open_store((tmp_path / "root").as_uri())
+    done, errors = threading.Event(), []
+
+    def prune_forever():
+        while not done.is_set():
+            store.delete(["c/checkpoint-1/manifest.json"])  # nothing there: only prunes the empty folder
+
+    pruner = threading.Thread(target=prune_forever)
+    pruner.start()
+    try:
+        for i in range(3000):
+            try:
+                store.put_bytes(b"x", f"c/checkpoint-1/f{i}")
+            except OSError as exc:
+                errors.append(exc)
+            store.delete([f"c/checkpoint-1/f{i}"])  # empty again: the next write races the pruner
+    finally:
+        done.set()
+        pruner.join()
+    assert errors == []
+
+
 def test_unreachable_s3_raises_storage_unavailable_within_the_budget(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: connection refused
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")

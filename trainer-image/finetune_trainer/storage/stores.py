@@ -393,8 +393,17 @@ class FileStore(ObjectStore):
         return self.root / key
 
     def _write(self, target: Path, fill: Callable[[Path], None]) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_MARK, suffix="-" + target.name, dir=target.parent)
+        # Another writer's delete prunes a folder it leaves empty (see _prune): it can go between
+        # our mkdir and our temp file (CI saw a two-node upload fail so). Once the temp file is
+        # in it, the folder is not empty and stays.
+        for attempt in range(100):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=TMP_MARK, suffix="-" + target.name, dir=target.parent)
+                break
+            except FileNotFoundError:
+                if attempt == 99:
+                    raise
         os.close(fd)
         try:
             fill(Path(tmp))
