@@ -128,11 +128,11 @@ class TcpGate:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def down(self) -> None:
-        listener, self._listener = self._listener, None
+        with self._lock:  # one step with _accept's check: no connection is let in after this
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, set()
         if listener:
             listener.close()
-        with self._lock:
-            conns, self._conns = self._conns, set()
         for conn in conns:
             for close in (lambda c: c.shutdown(socket.SHUT_RDWR), lambda c: c.close()):
                 try:
@@ -155,7 +155,13 @@ class TcpGate:
                 continue
             client.settimeout(None)
             with self._lock:
-                self._conns |= {client, upstream}
+                cut = self._listener is not listener  # down() came since accept: this one goes too
+                if not cut:
+                    self._conns |= {client, upstream}
+            if cut:
+                client.close()
+                upstream.close()
+                return
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 

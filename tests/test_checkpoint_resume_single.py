@@ -510,7 +510,7 @@ def test_c_kill_during_an_upload_leaves_no_manifest_restart_uses_the_previous(
     results = run_to_end(config, tmp_path / "2.log", through(gate))
     assert results["resumed_from"] == str(out / "checkpoint-4")
     assert_resumed_exactly(killed, out, 4, 16)
-    assert bucket.complete() == [12, 16] and sorted(bucket.steps()) == [12, 16]  # the leftover is gone
+    assert_kept_two_after(bucket, 8, final=16)  # the leftover is gone (8's complete re-upload may stay)
     bucket.assert_complete(16, out / "checkpoint-16")
     assert_final_artifacts(bucket, out, 16)
 
@@ -554,9 +554,10 @@ def test_d_storage_outage_mid_training_loses_nothing(tmp_path, tiny_model_dir, s
     """Storage goes down after the first checkpoint and stays down until the trainer has said so
     and saved two more checkpoints (an outage past the store's whole retry budget)."""
     bucket = Bucket(s3_outage.server.endpoint, s3_outage.bucket, "team-a/job-d")  # read around the gate
-    # long enough (~30 s here) to outlast the outage: detecting it takes the store's retry budget
-    # twice (retention's listing, then the history before the next checkpoint), ~8 s here
-    max_steps = 1200
+    # long enough (~90 s here) to outlast the outage: detecting it takes the store's retry budget
+    # twice (retention's listing, then the history before the next checkpoint): 8 s in one run
+    # here, but each budget is jittered backoff (ours and botocore's) that can reach ~30 s
+    max_steps = 2000
     config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=max_steps, save_steps=40,
                           save_total_limit=None)
     out = output_dir(config)

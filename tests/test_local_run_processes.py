@@ -54,16 +54,22 @@ REPLICA = textwrap.dedent(
                 seen.append(int(conn.recv(16)))
             print(f"master met ranks {sorted(seen)}", flush=True)
         else:
-            for _ in range(200):
+            deadline = time.monotonic() + 60
+            while True:
                 try:
                     socket.create_connection((addr, port)).sendall(str(rank).encode())
                     break
                 except OSError:
+                    if time.monotonic() > deadline:
+                        sys.exit(f"worker {rank} never reached the master")
                     time.sleep(0.05)
             print(f"worker {rank} met the master", flush=True)
         sys.exit(0)
     if mode == "fail" and rank == int(os.environ["FAIL_RANK"]):
-        time.sleep(0.5)
+        # fail once every other replica is up with its handler in place (not after a guess of time)
+        others = [f"{out}/ready-{r}" for r in range(world) if r != rank]
+        while not all(os.path.exists(path) for path in others):
+            time.sleep(0.05)
         print(f"rank {rank} failing", flush=True)
         sys.exit(int(os.environ["FAIL_CODE"]))
     print(f"rank {rank} ready", flush=True)
@@ -206,7 +212,8 @@ def test_a_replica_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_pat
     script, _ = stand_in
     the_plan = stand_in_replicas(tmp_path, stand_in, nodes=2, mode="fail", FAIL_RANK=0, FAIL_CODE=1)
     stubborn = tmp_path / "stubborn.py"
-    stubborn.write_text("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n")
+    stubborn.write_text("import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                        "open(os.environ['TEST_OUT'] + '/ready-1', 'w').close()\ntime.sleep(60)\n")
     the_plan.replicas[1].argv = [sys.executable, str(stubborn)]
     started = time.monotonic()
     assert execute(the_plan.replicas, out=StringIO(), grace_seconds=1) == 1

@@ -55,11 +55,11 @@ def test_operator_command_serves_liveness_and_reconciles(cluster, emulator, tmp_
     env["KUBECONFIG"] = str(kubeconfig)
     process = subprocess.Popen(
         [FINETUNE, "operator", "--standalone", "--liveness", liveness, "--trainer-image", "registry.test/trainer:7",
-         "--default-storage-uri", "s3://shared-bucket/runs", "--log-level", "warning"],
+         "--default-storage-uri", "s3://shared-bucket/runs", "--log-level", "warning",
+         "--metrics-address", "127.0.0.1:0"],  # the default 8081 may be taken on a CI machine
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        # kopf caches probe results for a while: ask only once the job is reconciled.
         assert wait_for(lambda: listening(port), timeout=60, what="the liveness endpoint")
         cluster.apply_job("demo", {"model": {"base_model": "builtin:SmolLM2-135M-Instruct", "trust_remote_code": False},
                                    "dataset": {"format": "alpaca", "train_path": "s3://data/a.jsonl"}})
@@ -69,7 +69,9 @@ def test_operator_command_serves_liveness_and_reconciles(cluster, emulator, tmp_
         config = yaml.safe_load(cluster.kube.get("v1", "ConfigMap", "default", "demo-config")["data"]["config.yaml"])
         assert config["output"]["storage_uri"] == "s3://shared-bucket/runs/default/demo"
         cluster.wait_condition("demo", "Accepted", "True")
-        assert (healthz(liveness) or {}).get("reconciles") == 1
+        # the count goes up after the status write, and kopf keeps a probe's answer 10 s: ask until it says so
+        assert wait_for(lambda: (healthz(liveness) or {}).get("reconciles") == 1, timeout=60,
+                        what="the liveness probe to count the reconcile")
         assert any(r.headers.get("Authorization") == "Bearer operator-token" for r in emulator.requests())
     finally:
         process.send_signal(signal.SIGTERM)

@@ -90,7 +90,9 @@ def test_apply_creates_config_rbac_and_pytorchjob(cluster, emulator, operator, t
     writes = [r for r in emulator.requests() if r.method.value in ("PATCH", "PUT") and r.resource is not None
               and r.resource.plural == "finetunejobs"]
     assert [r.subresource for r in writes] == ["status"], writes
-    assert ("Normal", "Valid") in [(e["type"], e["reason"]) for e in cluster.events("demo")]
+    # kopf posts Events from a queue of its own, after the status write seen above
+    wait_for(lambda: ("Normal", "Valid") in [(e["type"], e["reason"]) for e in cluster.events("demo")],
+             what="the Valid Event")
 
 
 def test_invalid_spec_is_refused_with_field_messages_and_nothing_created(cluster, emulator, operator, tmp_path):
@@ -262,7 +264,8 @@ def test_progress_from_the_trainer_reporter_lands_in_status(cluster, emulator, o
     assert status["progress"]["checkpointUri"].endswith("checkpoint-10")
     assert status["progress"]["tokensPerSecond"] == 900.0  # merged, not replaced
     assert {c["type"]: c["status"] for c in status["conditions"]}["Running"] == "True"
-    assert (reporter.sent, reporter.failed) == (2, 0)
+    # set_checkpoint wakes the sender: it may go out alone, a patch before the update's
+    assert reporter.failed == 0 and reporter.sent in (2, 3), (reporter.sent, reporter.failed, reporter.last_error)
     assert "Bearer test-token" in [r.headers.get("Authorization") for r in emulator.requests()
                                    if r.subresource == "status" and r.method == "PATCH"]
 

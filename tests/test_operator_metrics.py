@@ -60,7 +60,8 @@ def report(emulator, tmp_path: Path, name: str, update: dict, checkpoint: str | 
         reporter.set_checkpoint(checkpoint)
     reporter(update)
     reporter.close()
-    assert (reporter.sent, reporter.failed) == (1, 0)
+    # set_checkpoint wakes the sender: it may go out alone, a patch before the update's
+    assert reporter.failed == 0 and reporter.sent in (1, 2), (reporter.sent, reporter.failed, reporter.last_error)
 
 
 def test_phases_gauges_and_deletion_as_scraped(cluster, emulator, operator, tmp_path):
@@ -106,8 +107,11 @@ def test_phases_gauges_and_deletion_as_scraped(cluster, emulator, operator, tmp_
     assert samples[f"{m.RECONCILE_SECONDS}_count"][(("handler", "workload_event"),)] >= 1
     posted = {(dict(labels)["type"], dict(labels)["reason"]): v for labels, v in samples[m.EVENTS].items()}
     assert posted[("Normal", "BackendSelected")] == 2, posted
-    seen = {(e["type"], e["reason"]) for name in ("alpha", "beta") for e in cluster.events(name)}
-    assert set(posted) <= seen | {("Normal", "BackendSelected")}, (posted, seen)  # counted what was posted
+    # counted what was posted; kopf sends Events from its own queue, a moment after counting them
+    def seen():
+        return {(e["type"], e["reason"]) for name in ("alpha", "beta") for e in cluster.events(name)}
+
+    wait_for(lambda: set(posted) <= seen() | {("Normal", "BackendSelected")}, what=f"the Events {sorted(posted)}")
 
 
 def test_api_errors_are_counted_by_code_and_a_missing_object_is_none(cluster, emulator, tmp_path):

@@ -130,15 +130,22 @@ def test_file_store_writes_survive_a_concurrent_delete_pruning_their_folder(tmp_
         while not done.is_set():
             store.delete(["c/checkpoint-1/manifest.json"])  # nothing there: only prunes the empty folder
 
-    pruner = threading.Thread(target=prune_forever)
-    pruner.start()
-    try:
-        for i in range(3000):
+    def write_and_delete(writer):  # two writers: one's mkdir finds the folder the other made, then it goes
+        for i in range(1500):
             try:
-                store.put_bytes(b"x", f"c/checkpoint-1/f{i}")
+                store.put_bytes(b"x", f"c/checkpoint-1/w{writer}-{i}")
             except OSError as exc:
                 errors.append(exc)
-            store.delete([f"c/checkpoint-1/f{i}"])  # empty again: the next write races the pruner
+            store.delete([f"c/checkpoint-1/w{writer}-{i}"])  # empty again: the next write races the pruner
+
+    pruner = threading.Thread(target=prune_forever)
+    writers = [threading.Thread(target=write_and_delete, args=(w,)) for w in (1, 2)]
+    pruner.start()
+    try:
+        for thread in writers:
+            thread.start()
+        for thread in writers:
+            thread.join()
     finally:
         done.set()
         pruner.join()

@@ -36,6 +36,22 @@ def make_checkpoint(root: Path, step: int, size: int = 4096) -> Path:
     return folder
 
 
+def other_node_checkpoint(root: Path, step: int) -> Path:
+    """The files node 1's ranks wrote (each node has its own, none shared with node 0's)."""
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "rng_state_1.pth").write_bytes(os.urandom(512))
+    return folder
+
+
+def taken_and_held(uploader: BackgroundUploader, step: int) -> None:
+    """Wait until the uploader's thread has taken `step` (and is held in its hook)."""
+    deadline = time.monotonic() + 60
+    while uploader.status.uploading_step != step and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert uploader.status.uploading_step == step, uploader.status
+
+
 def test_uploads_in_the_background_and_applies_retention(storage_uri, tmp_path):
     store = open_store(storage_uri, retry=FAST)
     uploaded = []
@@ -341,20 +357,11 @@ def test_a_checkpoint_another_node_skipped_never_holds_node_0(tmp_path, caplog):
     node1 = BackgroundUploader(store, node_rank=1, num_nodes=2, attempt="a", parts_timeout=600,
                                before_upload=lambda step: hold.wait(60) if step == 1 else None)
     roots = {rank: tmp_path / f"node-{rank}" for rank in (0, 1)}
-
-    def node1_checkpoint(step):  # the files node 1's ranks wrote (each node has its own)
-        folder = roots[1] / f"checkpoint-{step}"
-        folder.mkdir(parents=True)
-        (folder / "rng_state_1.pth").write_bytes(os.urandom(512))
-        return folder
-
     try:
-        node1.submit(node1_checkpoint(1), 1, 0.25)
-        deadline = time.monotonic() + 60
-        while node1.status.uploading_step != 1 and time.monotonic() < deadline:  # taken, held in the hook
-            time.sleep(0.01)
+        node1.submit(other_node_checkpoint(roots[1], 1), 1, 0.25)
+        taken_and_held(node1, 1)
         for step in (2, 3):  # 2 waits, then 3 supersedes it on node 1 only
-            node1.submit(node1_checkpoint(step), step, step / 4)
+            node1.submit(other_node_checkpoint(roots[1], step), step, step / 4)
         for step in (1, 2):
             node0.submit(make_checkpoint(roots[0], step), step, step / 4)
             if step == 1:
@@ -372,6 +379,39 @@ def test_a_checkpoint_another_node_skipped_never_holds_node_0(tmp_path, caplog):
         node1.close(5)
 
 
+def test_a_failed_upload_a_newer_save_replaced_never_holds_node_0(tmp_path, caplog):
+    """Node 1's upload of checkpoint-1 fails while checkpoint-2 waits: node 1 goes on with 2,
+    and says it dropped 1, so node 0 (waiting for node 1's part of 1) moves on at once."""
+    from finetune_trainer.storage.stores import StorageUnavailable
+
+    store = open_store((tmp_path / "store").as_uri(), retry=FAST)
+    fail = threading.Event()
+
+    def node1_hook(step):
+        if step == 1:
+            fail.wait(60)
+            raise StorageUnavailable("write metrics.jsonl before checkpoint-1: connection reset")
+
+    node0 = BackgroundUploader(store, node_rank=0, num_nodes=2, attempt="a", parts_timeout=600)
+    node1 = BackgroundUploader(store, node_rank=1, num_nodes=2, attempt="a", parts_timeout=600, before_upload=node1_hook)
+    roots = {rank: tmp_path / f"node-{rank}" for rank in (0, 1)}
+    try:
+        node1.submit(other_node_checkpoint(roots[1], 1), 1, 0.5)
+        taken_and_held(node1, 1)
+        node1.submit(other_node_checkpoint(roots[1], 2), 2, 1.0)  # waits behind the failing one
+        node0.submit(make_checkpoint(roots[0], 1), 1, 0.5)
+        fail.set()
+        assert node0.wait(120), "node 0 still waiting for node 1's part of checkpoint-1"
+        assert "checkpoint-1: node(s) [1] skipped it" in caplog.text and not node0.degraded
+        assert node1.wait(120) and not node1.degraded
+        node0.submit(make_checkpoint(roots[0], 2), 2, 1.0)
+        assert node0.wait(120) and [m.step for m in list_complete(store)] == [2]
+    finally:
+        fail.set()
+        node0.close(5)
+        node1.close(5)
+
+
 def test_a_checkpoint_that_vanished_on_another_node_never_holds_node_0(tmp_path, caplog):
     """The trainer's rotation removed node 1's folder before its upload: node 1 says it skipped
     that checkpoint, so node 0 moves on at once rather than waiting out its parts timeout."""
@@ -382,10 +422,7 @@ def test_a_checkpoint_that_vanished_on_another_node_never_holds_node_0(tmp_path,
     node1 = BackgroundUploader(store, node_rank=1, num_nodes=2, attempt="a", parts_timeout=600,
                                before_upload=lambda step: shutil.rmtree(tmp_path / "node-1" / f"checkpoint-{step}"))
     try:
-        folder = tmp_path / "node-1" / "checkpoint-1"
-        folder.mkdir(parents=True)
-        (folder / "rng_state_1.pth").write_bytes(os.urandom(512))
-        node1.submit(folder, 1, 0.5)
+        node1.submit(other_node_checkpoint(tmp_path / "node-1", 1), 1, 0.5)
         assert node1.wait(60) and "vanished locally" in caplog.text
         node0.submit(make_checkpoint(tmp_path / "node-0", 1), 1, 0.5)
         assert node0.wait(120), "node 0 still waiting for node 1's part of checkpoint-1"

@@ -93,7 +93,8 @@ def test_a_resumed_attempt_continues_the_same_run(tmp_path, tiny_model_dir, mlfl
     """SIGKILL once a checkpoint is complete in storage (a node lost), a new pod with an empty
     disk: the run id comes back with the checkpoint and the losses go on in the same MLflow run."""
     bucket = Bucket(s3_endpoint, s3_bucket, "team-a/chat-tune")
-    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=160, save_steps=4,
+    max_steps = 400  # long enough that the run is created (an import, two calls) well before the end
+    config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=max_steps, save_steps=4,
                           output={"report_to": ["mlflow"], "run_name": "resumed-run"})
     env = trainer_env(**JOB, **{c.ENV_MLFLOW_TRACKING_URI: mlflow_server.uri, c.ENV_MLFLOW_EXPERIMENT_NAME: "resume"})
     log = tmp_path / "attempt-1.log"
@@ -108,7 +109,7 @@ def test_a_resumed_attempt_continues_the_same_run(tmp_path, tiny_model_dir, mlfl
     first = wait_until(a_checkpoint_complete_and_the_run_created, proc, log, "a complete checkpoint and the MLflow run")
     kill_pod(proc)
     newest = bucket.complete()[-1]
-    assert newest < 160, "the first attempt finished before it was killed"
+    assert newest < max_steps, "the first attempt finished before it was killed"
     new_pod_disk(config)
 
     results = run_to_end(config, tmp_path / "attempt-2.log", env)
@@ -117,7 +118,7 @@ def test_a_resumed_attempt_continues_the_same_run(tmp_path, tiny_model_dir, mlfl
     assert [r.info.run_id for r in runs] == [first.info.run_id], "the resumed attempt started a second MLflow run"
     assert runs[0].info.status == "FINISHED"
     series = history(mlflow_server, first.info.run_id)
-    assert {s for s, _ in series} == set(range(1, 161))  # both attempts' steps, in one run
+    assert {s for s, _ in series} == set(range(1, max_steps + 1))  # both attempts' steps, in one run
     resumed = {s: v for s, v in series if s > newest}
     logged = {r["step"]: r["loss"] for r in metrics(output_dir(config)) if r.get("loss") is not None and r["step"] > newest}
     assert resumed == pytest.approx(logged, rel=1e-6)

@@ -176,14 +176,15 @@ def test_a_resumed_attempt_continues_tensorboard_and_the_wandb_run(tmp_path, tin
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     bucket = Bucket(s3_endpoint, s3_bucket, "team-a/chat-tune")
-    max_steps = 160
+    max_steps = 400  # long enough that W&B's start (an import and a run folder) comes well before the end
     config = write_config(tmp_path, tiny_model_dir, bucket.uri, max_steps=max_steps, save_steps=4,
                           output={"report_to": ["tensorboard", "wandb"], "run_name": "resumed-run"})
     env = trainer_env(**{c.ENV_WANDB_MODE: "offline", c.ENV_WANDB_PROJECT: "llm", c.ENV_JOB_NAME: "chat-tune"})
     log = tmp_path / "attempt-1.log"
     proc = start_train(config, log, env)
-    wait_until(lambda: bucket.complete() and event_files(bucket), proc, log,
-               "a complete checkpoint and an event file in storage")
+    wait_until(lambda: bucket.complete() and event_files(bucket)
+               and glob.glob(f"{output_dir(config)}/wandb-runs/wandb/offline-run-*"), proc, log,
+               "a complete checkpoint, an event file in storage and the W&B run folder")
     kill_pod(proc)
     newest = bucket.complete()[-1]
     assert newest < max_steps, "the first attempt finished before it was killed"

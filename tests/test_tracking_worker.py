@@ -98,6 +98,36 @@ def test_a_full_queue_drops_the_oldest_metrics_not_the_start():
     assert tracker.calls[0][0] == "start" and tracker.calls[-1][0] == "finish"
 
 
+def test_the_call_on_its_way_is_never_dropped_nor_another_lost_for_it():
+    """A hanging tracker holds one metrics call while the queue overflows: that call is delivered
+    once it returns, and every other call is delivered or counted dropped, none lost uncounted."""
+    gate, entered = threading.Event(), threading.Event()
+    tracker = Recorder()
+
+    def log_metrics(metrics, step, epoch):
+        if step == 1:
+            entered.set()
+            assert gate.wait(30)
+        tracker.calls.append(("log_metrics", metrics, step, epoch))
+
+    tracker.log_metrics = log_metrics
+    worker = TrackerWorker(tracker, max_pending=3)
+    worker.submit("start", None)
+    worker.submit("log_metrics", {"loss": 1.0}, 1, 0.0)
+    assert entered.wait(30)  # step 1 is on its way, the head of the queue
+    worker.submit("log_evaluation", [])  # metrics go first when the queue is full: this one stays
+    for step in range(2, 9):
+        worker.submit("log_metrics", {"loss": 1.0}, step, 0.0)
+    worker.submit("finish", True)
+    gate.set()
+    assert tracker.done.wait(30)
+    status = worker.close(timeout=5)
+    assert [c[0] for c in tracker.calls if c[0] != "log_metrics"] == ["start", "log_evaluation", "finish"]
+    kept = [c[2] for c in tracker.calls if c[0] == "log_metrics"]
+    assert kept[0] == 1 and kept == sorted(kept)
+    assert status.dropped == 8 - len(kept), (kept, status.dropped)
+
+
 def test_close_gives_a_hanging_tracker_only_its_timeout(caplog):
     gate = threading.Event()
     worker = TrackerWorker(Recorder(hang=gate))

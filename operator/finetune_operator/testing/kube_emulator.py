@@ -609,7 +609,8 @@ class Gate:
             return
         self.used = True
         self.hit.set()
-        await asyncio.get_running_loop().run_in_executor(None, self.released.wait)
+        # bounded: a test that failed before releasing it must not keep the emulator from stopping
+        await asyncio.get_running_loop().run_in_executor(None, self.released.wait, 120)
         if self.lost:
             raise _error(503, "ServiceUnavailable", "the client's connection died with it")
 
@@ -661,7 +662,8 @@ class EmulatorThread:
 
     def __enter__(self) -> EmulatorThread:
         self._thread.start()
-        self._ready.wait(30)
+        if not self._ready.wait(60) and self._error is None:
+            raise RuntimeError("the Kubernetes emulator did not start within 60 s")
         if self._error is not None:
             raise RuntimeError("the Kubernetes emulator did not start") from self._error
         return self

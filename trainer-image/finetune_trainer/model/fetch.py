@@ -29,7 +29,6 @@ or the Hugging Face cache, or the run fails at once naming the sources to config
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
 import os
@@ -280,8 +279,6 @@ class _Fetch:
             return entry, manifest
         if entry.exists():
             log.warning("model: %s is incomplete (%s); fetching again", entry, "; ".join(wrong)[:300])
-        for leftover in entry.parent.glob(glob.escape(entry.name) + ".*"):  # of a fetcher killed mid-download
-            shutil.rmtree(leftover, ignore_errors=True)
         start = time.monotonic()
 
         def build(tmp: Path) -> None:

@@ -401,7 +401,7 @@ class FileStore(ObjectStore):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=TMP_MARK, suffix="-" + target.name, dir=target.parent)
                 break
-            except FileNotFoundError:
+            except (FileNotFoundError, FileExistsError):  # the latter: mkdir saw it, then it went
                 if attempt == 99:
                     raise
         os.close(fd)

@@ -168,10 +168,11 @@ class BackgroundUploader:
             ok = self._upload(job, skipped)
             with self._cond:
                 self._current = None
-                if not ok:
-                    self._skipped[:0] = skipped  # said again before the next try
                 if not ok and self._pending is None:
                     self._pending = job  # kept; tried again at the next submit or wait
+                    self._skipped[:0] = skipped  # said again before that try
+                elif not ok:  # a newer save came while this one failed: it is dropped, and said so
+                    self._skipped[:0] = [*skipped, job.step]
                 self._cond.notify_all()
 
     def _before_upload(self, step: int) -> None:

@@ -55,6 +55,7 @@ class TrackerWorker:
         self._closing = False
         self._deadline = float("inf")
         self._retry_at = 0.0
+        self._in_flight: tuple[str, tuple[Any, ...]] | None = None  # the call being delivered now
         self._failures = 0
         self._started = False
         self._degraded = False
@@ -98,13 +99,23 @@ class TrackerWorker:
     # ------------------------------------------------------------------ its thread
 
     def _drop_oldest_metrics(self) -> None:
+        """Never the call on its way (the head, while a hanging tracker holds it): that one is
+        taken off the queue once it returns, and dropping it here would take another with it."""
         for i, (method, _) in enumerate(self._pending):
-            if method == "log_metrics":
+            if method == "log_metrics" and self._pending[i] is not self._in_flight:
                 del self._pending[i]
                 self._dropped += 1
                 return
-        self._pending.popleft()
-        self._dropped += 1
+        for i, call in enumerate(self._pending):
+            if call is not self._in_flight and call[0] != "start":  # without its run, nothing lands
+                del self._pending[i]
+                self._dropped += 1
+                return
+
+    def _finish_head(self, call: tuple[str, tuple[Any, ...]]) -> None:
+        self._in_flight = None
+        if self._pending and self._pending[0] is call:
+            self._pending.popleft()
 
     def _run(self) -> None:
         while True:
@@ -121,11 +132,12 @@ class TrackerWorker:
                     continue
                 if self._closing and now > self._deadline:
                     return
-                method, args = self._pending[0]
+                call = self._in_flight = self._pending[0]
+            method, args = call
             error = self._deliver(method, args)
             with self._cond:
                 if error is None:
-                    self._pending.popleft()
+                    self._finish_head(call)
                     self._started |= method == "start"
                     if self._degraded:
                         log.info("%s: reachable again", self.name)
@@ -136,8 +148,9 @@ class TrackerWorker:
                     log.warning("%s: %s failed (%s); training goes on, retrying in the background",
                                 self.name, method, error)
                 self._degraded, self._last_error = True, f"{method}: {error}"[:300]
+                self._in_flight = None  # tried again from the head, unless given up on here
                 if method != "start" and self._failures >= RETRIES:
-                    self._pending.popleft()
+                    self._finish_head(call)
                     self._dropped += 1
                     self._failures = 0
                 self._retry_at = self._clock() + backoff(self._failures, self._retry_first)
