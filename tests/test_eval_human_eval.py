@@ -23,7 +23,7 @@ from finetune_trainer.evaluation.sandbox import SandboxLimits
 REPO = Path(__file__).resolve().parent.parent
 TINY_SET = REPO / "examples" / "eval" / "humaneval_tiny.jsonl"
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
-LIMITS = SandboxLimits(timeout_seconds=5)
+LIMITS = SandboxLimits(timeout_seconds=30)  # a bound, not a measure: four sandboxes share 2 cores in CI
 
 WRONG = {
     "add": "    return a - b\n",

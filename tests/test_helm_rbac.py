@@ -344,7 +344,8 @@ SCOPES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("scope", sorted(SCOPES))
 def test_rbac_grants_exactly_what_the_operator_calls(scope, emulator, tmp_path):
-    values = {**SCOPES[scope], "health": {"port": free_port()}}
+    # the operator runs here, from the Deployment's args: neither port may be a fixed one CI has taken
+    values = {**SCOPES[scope], "health": {"port": free_port()}, "metrics": {"port": free_port()}}
     objs = helm_template(values)
     account = ("finetune-system", next(o for o in objs if o["kind"] == "Deployment")
                ["spec"]["template"]["spec"]["serviceAccountName"])

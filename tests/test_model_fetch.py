@@ -223,7 +223,7 @@ def test_a_fetcher_killed_mid_download_leaves_nothing_trusted(tmp_path, moto_ser
     client.put_object(Bucket=s3_bucket, Key="m/config.json", Body=b"{}")
     uri, cache = f"s3://{s3_bucket}/m/", tmp_path / "cache"
     entry = cache_entry(cache, uri, None)
-    gate = TcpGate(moto_server.port, rate=2 * MiB)  # 2 MiB/s a connection: seconds per range
+    gate = TcpGate(moto_server.port, rate=MiB // 2)  # 512 KiB/s a connection: the kill comes well before the end
     gate.up()
     log = tmp_path / "fetch.log"
     try:

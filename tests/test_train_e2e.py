@@ -262,7 +262,7 @@ def test_progress_reporters_get_steps_and_eta(tmp_path, tiny_model_dir):
     assert result.exit_code == 0
     steps = [u for u in updates if u["loss"] is not None]
     assert [u["step"] for u in steps] == [1, 2, 3, 4] and all(u["total_steps"] == 4 for u in updates)
-    assert steps[0]["eta_seconds"] > 0 and steps[-1]["eta_seconds"] == 0
+    assert steps[0]["eta_seconds"] >= steps[-1]["eta_seconds"] == 0  # rounded to 0.1 s: a fast step may show 0
     assert all(u["tokens_per_second"] > 0 for u in steps[1:])
     assert [u["eval_loss"] is not None for u in updates].count(True) == 2  # before and after (do_eval off)
 

@@ -125,12 +125,12 @@ class MetricsCallback(TrainerCallback):
         self.path = Path(path)
         self.reporters = list(reporters or [])
         self.sinks = list(sinks or [])  # get each record as written (the experiment trackers)
-        self._start = self._last_time = time.time()
+        self._start = self._last_time = time.monotonic()  # intervals: never backwards with the clock
         self._start_step = 0
         self._last_tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._start = self._last_time = time.time()
+        self._start = self._last_time = time.monotonic()
         self._start_step = state.global_step
         self._last_tokens = state.num_input_tokens_seen
 
@@ -151,12 +151,12 @@ class MetricsCallback(TrainerCallback):
             return
         if "loss" not in logs and "eval_loss" not in logs:
             return  # the end-of-training summary (train_runtime, ...) goes to train_results.json
-        now = time.time()
+        now = time.monotonic()
         record = metrics_record(
             logs,
             step=state.global_step,
             epoch=state.epoch,
-            now=now,
+            now=time.time(),  # the record's wall-clock stamp
             elapsed=now - self._start,
             tokens_per_second=self._tokens_per_second(state, now) if "loss" in logs else None,
         )
