@@ -88,22 +88,63 @@ def start_train(config: Path, log: Path, env: dict[str, str] | None = None) -> s
                      env or trainer_env())
 
 
-def kill_pod(proc: subprocess.Popen) -> None:
-    """SIGKILL to every process of the pod at once (torchrun starts each rank in its own
-    session, so a process-group kill would miss them): OOM kill, node loss, grace period over."""
+def pod_processes(proc: subprocess.Popen) -> list:
     import psutil
 
     try:
-        everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        return [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
-        everyone = []
-    for p in everyone:
+        return []
+
+
+def _signal_all(processes: list, signum: int) -> None:
+    import psutil
+
+    for p in processes:
         try:
-            p.send_signal(signal.SIGKILL)
+            p.send_signal(signum)
         except psutil.NoSuchProcess:
             pass
+
+
+def kill_pod(proc: subprocess.Popen) -> int:
+    """SIGKILL to every process of the pod at once (torchrun starts each rank in its own
+    session, so a process-group kill would miss them): OOM kill, node loss, grace period over.
+    Returns how many processes it killed."""
+    import psutil
+
+    everyone = pod_processes(proc)
+    _signal_all(everyone, signal.SIGKILL)
     psutil.wait_procs(everyone, timeout=60)
     proc.wait(timeout=60)
+    return len(everyone)
+
+
+def kill_pod_when(predicate, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180.0) -> int:
+    """SIGKILL the pod in a state where `predicate` holds, judged while every process of it is
+    stopped (SIGSTOP), so the trainer cannot move on between the look and the kill (CI saw a newer
+    checkpoint complete in that gap, so the killed run had trained nothing past the one resumed).
+    Returns how many processes it killed."""
+    killed = 0
+
+    def frozen_and_holding() -> bool:
+        nonlocal killed
+        if not predicate():
+            return False
+        everyone = pod_processes(proc)
+        _signal_all(everyone, signal.SIGSTOP)
+        holds = False
+        try:
+            holds = predicate()
+        finally:
+            if not holds:
+                _signal_all(everyone, signal.SIGCONT)
+        if holds:
+            killed = kill_pod(proc)
+        return holds
+
+    wait_until(frozen_and_holding, proc, log, what, timeout)
+    return killed
 
 
 @pytest.fixture(autouse=True)
@@ -387,9 +428,8 @@ def kill_after_the_second_checkpoint_and_resume(tmp_path: Path, config: Path, bu
     a new pod (empty disk) resumes from it and runs to step 24, the same losses as the killed run."""
     out = output_dir(config)
     proc = start_train(config, tmp_path / "1.log")
-    wait_until(lambda: trained_past_second_checkpoint(bucket, out), proc, tmp_path / "1.log",
-               "a second complete checkpoint")
-    kill_pod(proc)
+    kill_pod_when(lambda: trained_past_second_checkpoint(bucket, out), proc, tmp_path / "1.log",
+                  "a second complete checkpoint")
     newest = bucket.complete()[-1]
     assert newest >= 8
     bucket.assert_complete(newest)
