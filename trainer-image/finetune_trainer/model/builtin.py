@@ -73,6 +73,10 @@ def materialise(target: Path, build: Callable[[Path], None], *, complete: Callab
         try:
             build(tmp)
             tmp.rename(target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not complete(target):  # else another builder won the race (a filesystem without locks)
+                raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
